@@ -1,0 +1,5 @@
+"""``python -m stabilitylab`` runs the command-line interface."""
+
+from stabilitylab.cli import main
+
+raise SystemExit(main())

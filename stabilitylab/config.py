@@ -1,0 +1,271 @@
+"""The run configuration: one frozen, validated record, built from a preset plus overrides.
+
+Presets are TOML files shipped in ``stabilitylab/presets``; the values a user passes on the
+command line (or to :func:`build_config`) override the preset's. Values that follow from the
+configuration, such as the lr after batch scaling, are computed by :func:`derive` under their
+own names instead of overwriting fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, fields
+from importlib import resources
+from typing import Any
+
+from stabilitylab.errors import ConfigError
+
+DATASETS = ("digits", "imagefolder")
+METHODS = ("mocov3",)
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture of one ViT size preset."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    patch_size: int
+    img_size: int
+    mlp_ratio: float = 4.0
+
+
+# ViT-S and ViT-B follow MoCo v3 (12 heads for ViT-S, unlike DeiT's 6); ViT-Ti follows DeiT.
+# vit_micro is the CPU-sized default for the bundled 8x8 digits, upsampled to 16 px.
+MODELS: dict[str, ModelSpec] = {
+    "vit_micro": ModelSpec(embed_dim=64, depth=4, num_heads=4, patch_size=4, img_size=16),
+    "vit_tiny": ModelSpec(embed_dim=192, depth=12, num_heads=3, patch_size=16, img_size=224),
+    "vit_small": ModelSpec(embed_dim=384, depth=12, num_heads=12, patch_size=16, img_size=224),
+    "vit_base": ModelSpec(embed_dim=768, depth=12, num_heads=12, patch_size=16, img_size=224),
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one training run; see ``stabilitylab run --help`` for units."""
+
+    preset: str = "digits"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    method: str = "mocov3"
+    model: str = "vit_micro"
+    img_size: int | None = None  # None: the model preset's
+    patch_size: int | None = None  # None: the model preset's
+    freeze_patch_embed: bool = False
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 1.5e-4  # base lr per 256 images
+    weight_decay: float = 0.1
+    warmup_epochs: float = 40.0
+    momentum: float = 0.99  # momentum-encoder EMA coefficient at step 0
+    temperature: float = 0.2
+    proj_hidden_dim: int = 4096
+    proj_dim: int = 256
+    crop_min_scale: float = 0.08
+    seed: int = 0
+    eval_every: int = 100  # optimiser steps
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_max_bank: int = 50_000
+    knn_max_query: int = 10_000
+    flush_every: int = 100  # optimiser steps
+    checkpoint_every: int = 1000  # optimiser steps
+    device: str = "auto"
+    precision: str = "fp32"
+    workers: int = 0
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        return MODELS[self.model]
+
+    @property
+    def resolved_img_size(self) -> int:
+        return self.img_size if self.img_size is not None else self.model_spec.img_size
+
+    @property
+    def resolved_patch_size(self) -> int:
+        return self.patch_size if self.patch_size is not None else self.model_spec.patch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
+
+
+def available_presets() -> list[str]:
+    folder = resources.files("stabilitylab").joinpath("presets")
+    return sorted(
+        p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml")
+    )
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """Read preset ``name`` from the shipped TOML files, rejecting unknown keys."""
+    presets = available_presets()
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(presets)}")
+    text = resources.files("stabilitylab").joinpath("presets", f"{name}.toml").read_text("utf-8")
+    values = tomllib.loads(text)
+    unknown = sorted(set(values) - set(FIELD_NAMES))
+    if unknown:
+        raise ConfigError(f"preset {name!r} has unknown keys {unknown}")
+    return values
+
+
+def build_config(preset: str = "digits", **overrides: Any) -> RunConfig:
+    """Build and validate a configuration from a preset and explicit overrides."""
+    unknown = sorted(set(overrides) - set(FIELD_NAMES))
+    if unknown:
+        raise ConfigError(f"unknown configuration keys {unknown}; known keys: {list(FIELD_NAMES)}")
+    values = {**load_preset(preset), **overrides, "preset": preset}
+    config = RunConfig(**values)
+    validate(config)
+    return config
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...] | list[str]) -> None:
+    _require(
+        value in choices,
+        f"--{name.replace('_', '-')} {value!r} is not one of: {', '.join(choices)}",
+    )
+
+
+def _check_positive(name: str, value: float, hint: str) -> None:
+    option = f"--{name.replace('_', '-')}"
+    _require(
+        isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
+        f"{option} {value!r} is invalid: it must be a positive number ({hint})",
+    )
+
+
+def validate(config: RunConfig) -> None:
+    """Raise ConfigError naming the first invalid value and what to pass instead."""
+    _check_choice("dataset", config.dataset, DATASETS)
+    _check_choice("method", config.method, METHODS)
+    _check_choice("model", config.model, list(MODELS))
+    _check_choice("precision", config.precision, PRECISIONS)
+    _check_positive("lr", config.lr, "the base lr per 256 images, such as 1.5e-4")
+    _check_positive("temperature", config.temperature, "the contrastive temperature, such as 0.2")
+    _check_positive("knn_temperature", config.knn_temperature, "such as 0.07")
+    for name, hint in (
+        ("epochs", "passes over the training split"),
+        ("batch_size", "images per optimiser step over all processes"),
+        ("eval_every", "optimiser steps between kNN evaluations"),
+        ("flush_every", "optimiser steps between metric flushes"),
+        ("checkpoint_every", "optimiser steps between checkpoints"),
+        ("knn_k", "neighbours voting in the kNN monitor"),
+        ("knn_max_bank", "images in the kNN feature bank"),
+        ("knn_max_query", "images evaluated by the kNN monitor"),
+        ("proj_hidden_dim", "hidden width of the projector and predictor"),
+        ("proj_dim", "output width of the projector and predictor"),
+    ):
+        value = getattr(config, name)
+        _require(
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+            f"--{name.replace('_', '-')} {value!r} is invalid: it must be a whole number of at "
+            f"least 1 ({hint})",
+        )
+    _require(
+        isinstance(config.weight_decay, (int, float)) and 0 <= config.weight_decay < math.inf,
+        f"--weight-decay {config.weight_decay!r} is invalid: it must be 0 or more",
+    )
+    _require(
+        0 <= config.warmup_epochs < config.epochs,
+        f"--warmup-epochs {config.warmup_epochs!r} is invalid: it must be at least 0 and less "
+        f"than --epochs {config.epochs}",
+    )
+    _require(
+        0 <= config.momentum <= 1,
+        f"--momentum {config.momentum!r} is invalid: the EMA coefficient must be in [0, 1]",
+    )
+    _require(
+        0 < config.crop_min_scale <= 1,
+        f"--crop-min-scale {config.crop_min_scale!r} is invalid: it must be in (0, 1]",
+    )
+    _require(config.workers >= 0, f"--workers {config.workers!r} is invalid: it must be 0 or more")
+    _validate_geometry(config)
+    _validate_device(config)
+    if config.dataset == "imagefolder":
+        _require(
+            bool(config.data_dir),
+            "--dataset imagefolder needs --data-dir, a folder with train/ and val/ class folders",
+        )
+
+
+def _validate_geometry(config: RunConfig) -> None:
+    img, patch = config.resolved_img_size, config.resolved_patch_size
+    _require(img >= 1, f"--img-size {img!r} is invalid: it must be a positive number of pixels")
+    _require(
+        patch >= 1, f"--patch-size {patch!r} is invalid: it must be a positive number of pixels"
+    )
+    _require(
+        img % patch == 0,
+        f"--img-size {img} is not divisible by --patch-size {patch}; pick an image size that is "
+        f"a multiple of {patch}, such as {max(patch, img // patch * patch)}",
+    )
+    spec = config.model_spec
+    # The 2D sin-cos position embedding splits each token's channels into four equal parts.
+    _require(
+        spec.embed_dim % 4 == 0,
+        f"model {config.model} has embed_dim {spec.embed_dim}, not divisible by 4",
+    )
+
+
+def _validate_device(config: RunConfig) -> None:
+    device = config.device
+    ok = device in ("auto", "cpu", "cuda") or (
+        device.startswith("cuda:") and device.removeprefix("cuda:").isdigit()
+    )
+    _require(ok, f"--device {device!r} is invalid; pass auto, cpu, cuda or cuda:N")
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values that follow from a configuration and the dataset size."""
+
+    global_batch_size: int
+    lr: float  # actual peak lr = base lr x global batch / 256
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    img_size: int
+    patch_size: int
+    in_chans: int
+    num_classes: int
+    train_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def derive(config: RunConfig, train_size: int, in_chans: int, num_classes: int) -> Derived:
+    """Compute the batch-scaled lr and the step counts; raise if the batch exceeds the data."""
+    steps_per_epoch = train_size // config.batch_size  # the last partial batch is dropped
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"--batch-size {config.batch_size} is larger than the training split "
+            f"({train_size} images); pass --batch-size {train_size} or less"
+        )
+    total = steps_per_epoch * config.epochs
+    return Derived(
+        global_batch_size=config.batch_size,
+        lr=config.lr * config.batch_size / 256,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+        img_size=config.resolved_img_size,
+        patch_size=config.resolved_patch_size,
+        in_chans=in_chans,
+        num_classes=num_classes,
+        train_size=train_size,
+    )

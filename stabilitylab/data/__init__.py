@@ -1,0 +1,39 @@
+"""Datasets for training (two augmented views) and for the kNN monitor (one clean view)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from stabilitylab.config import RunConfig
+
+
+@dataclass
+class DataBundle:
+    """The three datasets a run uses, with the facts the model needs about them."""
+
+    train: Dataset  # yields ((view1, view2), label), or (image, label) with batch_views
+    knn_bank: Dataset  # training images, one clean view, yields (image, label)
+    knn_query: Dataset  # validation images, one clean view
+    num_classes: int
+    in_chans: int
+    description: str
+    # Makes the two views from a whole batch on the training device, when the dataset
+    # yields clean images instead of view pairs.
+    batch_views: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+def build_data(config: RunConfig) -> DataBundle:
+    """Build the datasets that ``config.dataset`` names; raise DataError for unusable data."""
+    if config.dataset == "digits":
+        from stabilitylab.data.digits import build_digits
+
+        return build_digits(config)
+    if config.dataset == "imagefolder":
+        from stabilitylab.data.folder import build_imagefolder
+
+        return build_imagefolder(config)
+    raise AssertionError(f"dataset {config.dataset!r} passed validation but has no builder")

@@ -1,0 +1,1 @@
+"""Self-supervised methods: each turns two views of a batch into a loss."""

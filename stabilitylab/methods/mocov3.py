@@ -1,0 +1,96 @@
+"""MoCo v3 for ViT (Chen, Xie and He, 2021), following the public moco-v3 code.
+
+The online encoder is the backbone plus a 3-layer projector, followed by a 2-layer
+predictor; the momentum encoder is an EMA of backbone and projector (not the predictor).
+Each view goes through the encoders separately, so BatchNorm statistics are per view. The
+loss is the InfoNCE of L2-normalised queries against the keys of the whole global batch,
+scaled by 2 tau and symmetrised over the two views, so its chance level is about
+4 tau ln(B) for global batch B.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stabilitylab.models.heads import build_mlp
+
+
+def contrastive_loss(query: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE of ``query`` (B, D) against all ``key`` rows (B, D), scaled by 2 tau."""
+    query = F.normalize(query.float(), dim=1)
+    key = F.normalize(key.float(), dim=1)
+    logits = query @ key.T / temperature  # (B, B), positives on the diagonal
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return F.cross_entropy(logits, labels) * (2 * temperature)
+
+
+def momentum_at(step: int, total_steps: int, base_momentum: float) -> float:
+    """EMA coefficient rising from ``base_momentum`` at step 0 to 1 along a half cosine."""
+    progress = step / max(total_steps, 1)
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - base_momentum)
+
+
+class MoCoV3(nn.Module):
+    """Online encoder, predictor and momentum encoder; ``forward`` returns the loss."""
+
+    def __init__(
+        self, backbone: nn.Module, proj_hidden_dim: int, proj_dim: int, temperature: float
+    ) -> None:
+        super().__init__()
+        embed_dim = backbone.embed_dim
+        self.temperature = temperature
+        self.backbone = backbone
+        self.projector = build_mlp(3, embed_dim, proj_hidden_dim, proj_dim)
+        self.predictor = build_mlp(2, proj_dim, proj_hidden_dim, proj_dim)
+        # The momentum encoder starts as an exact copy, frozen patch projection included.
+        self.momentum_backbone = copy.deepcopy(backbone)
+        self.momentum_projector = copy.deepcopy(self.projector)
+        for parameter in self._momentum_parameters():
+            parameter.requires_grad_(False)
+
+    def online_modules(self) -> dict[str, nn.Module]:
+        """The trained modules by layer-group prefix, for the monitor and the optimiser."""
+        return {"backbone": self.backbone, "projector": self.projector, "predictor": self.predictor}
+
+    def _momentum_parameters(self) -> list[nn.Parameter]:
+        return [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features (the class token after the final norm), (B, embed_dim)."""
+        return self.backbone.forward_head(self.backbone.forward_features(images), pre_logits=True)
+
+    def _encode(
+        self, backbone: nn.Module, projector: nn.Module, images: torch.Tensor
+    ) -> torch.Tensor:
+        tokens = backbone.forward_features(images)
+        return projector(backbone.forward_head(tokens, pre_logits=True))
+
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+        query1 = self.predictor(self._encode(self.backbone, self.projector, view1))
+        query2 = self.predictor(self._encode(self.backbone, self.projector, view2))
+        with torch.no_grad():
+            key1 = self._encode(self.momentum_backbone, self.momentum_projector, view1)
+            key2 = self._encode(self.momentum_backbone, self.momentum_projector, view2)
+        return contrastive_loss(query1, key2, self.temperature) + contrastive_loss(
+            query2, key1, self.temperature
+        )
+
+    @torch.no_grad()
+    def update_momentum_encoder(self, momentum: float) -> None:
+        """Move each momentum parameter towards its online twin: m * ema + (1 - m) * online.
+
+        Pairs whose online parameter is frozen are skipped, so a frozen patch projection stays
+        bit-identical in the momentum encoder too (an EMA of equal values can drift by an ulp).
+        """
+        online = [*self.backbone.parameters(), *self.projector.parameters()]
+        targets = self._momentum_parameters()
+        pairs = [(m, o) for m, o in zip(targets, online, strict=True) if o.requires_grad]
+        if not pairs:
+            return
+        ema = [m for m, _ in pairs]
+        torch._foreach_lerp_(ema, [o for _, o in pairs], 1.0 - momentum)

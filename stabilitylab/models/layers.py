@@ -1,0 +1,65 @@
+"""Stable dotted names for the monitored layer groups of a model.
+
+Names: ``patch_embed``, ``cls_token``, ``blocks.00`` ... ``blocks.NN``, ``norm``,
+``projector``, ``predictor``. The first layer is ``patch_embed``; the last block and the heads
+are the last layers. Metrics, plots and reports use these names everywhere.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+FIRST_LAYER = "patch_embed"
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def group_of_backbone_parameter(name: str) -> str:
+    """Map a parameter name of a timm VisionTransformer to its layer group."""
+    match = _BLOCK.match(name)
+    if match:
+        return f"blocks.{int(match.group(1)):02d}"
+    head = name.split(".", 1)[0]
+    if head in ("patch_embed", "cls_token", "reg_token", "pos_embed"):
+        return head
+    if head in ("norm", "fc_norm"):
+        return "norm"
+    raise ValueError(f"no layer group for backbone parameter {name!r}")
+
+
+def group_order_key(group: str) -> tuple[int, int]:
+    """Sort key that puts groups in the order data flows through the model."""
+    order = ["patch_embed", "cls_token", "reg_token", "pos_embed"]
+    if group in order:
+        return (0, order.index(group))
+    if group.startswith("blocks."):
+        return (1, int(group.split(".")[1]))
+    return (2, ["norm", "projector", "predictor"].index(group))
+
+
+def last_block(groups: list[str]) -> str:
+    return max((g for g in groups if g.startswith("blocks.")), key=group_order_key)
+
+
+def named_groups(
+    modules: dict[str, nn.Module], skip: tuple[str, ...] = ()
+) -> list[tuple[str, list[tuple[str, nn.Parameter]]]]:
+    """Group the parameters of the online network into ordered, named layer groups.
+
+    ``modules`` maps a prefix to a module: ``backbone`` is split into its layers, any other
+    module (``projector``, ``predictor``) is one group under its prefix. Parameters whose
+    backbone name starts with an entry of ``skip`` are left out.
+    """
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    for prefix, module in modules.items():
+        for name, parameter in module.named_parameters():
+            if prefix == "backbone":
+                if name.startswith(skip):
+                    continue
+                group = group_of_backbone_parameter(name)
+            else:
+                group = prefix
+            groups.setdefault(group, []).append((f"{prefix}.{name}", parameter))
+    ordered = sorted(groups, key=group_order_key)
+    return [(group, groups[group]) for group in ordered]

@@ -1,0 +1,1 @@
+"""Training signals: device-side recording and the flushes to the run directory."""

@@ -1,0 +1,382 @@
+"""Per-run numbers and the report's tables, with every cell formatted as text.
+
+Accuracies are kNN top-1 in percent, and differences of accuracies are in points.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from stabilitylab.detect import GRAD_NORM, LOSS, DetectorParams, RunEvents, SpikeEvent
+from stabilitylab.report.content import Table
+from stabilitylab.runs import Run
+
+MISSING = "n/a"
+# Maximum length of a failure reason in the summary table. status.json keeps the full text.
+MAX_REASON_CHARS = 120
+
+STATUS_TEXT = {
+    "finished": "finished",
+    "running": "incomplete (running or killed)",
+    "failed": "failed",
+}
+
+SUMMARY_COLUMNS = (
+    "run",
+    "arm",
+    "status",
+    "steps recorded",
+    "final kNN top-1",
+    "best kNN top-1",
+    "dips",
+    "deepest dip",
+    "grad-norm spikes",
+    "first-layer spikes",
+    "loss spikes",
+    "frozen-weight check",
+)
+
+CONFIG_KEYS = (
+    ("method", "method"),
+    ("model", "model"),
+    ("dataset", "dataset"),
+    ("epochs", "epochs"),
+    ("batch_size", "batch size"),
+    ("lr", "base lr (per 256)"),
+    ("seed", "seed"),
+)
+
+
+def format_number(value: float | None, digits: int = 2) -> str:
+    """Return ``value`` with ``digits`` decimals, or ``n/a`` for None and non-finite values."""
+    if value is None or not math.isfinite(value):
+        return MISSING
+    return f"{value:.{digits}f}"
+
+
+def format_scalar(value: float | None) -> str:
+    """Return ``value`` with 3 significant digits, for quantities of any magnitude."""
+    if value is None or not math.isfinite(value):
+        return MISSING
+    return f"{value:.3g}"
+
+
+def format_config_value(value: Any) -> str:
+    """Return a configuration value as text for display, without evaluating it."""
+    if value is None:
+        return MISSING
+    return str(value)
+
+
+def run_labels(runs: Sequence[Run]) -> list[str]:
+    """Return one distinct legend label per run.
+
+    This is ``run.label`` unless two runs share a folder name, in which case the parent
+    folder is prefixed, and a counter is appended if the labels still collide.
+    """
+    names = Counter(run.name for run in runs)
+    labels = [
+        run.label if names[run.name] == 1 else f"{run.path.parent.name}/{run.label}" for run in runs
+    ]
+    seen: Counter[str] = Counter()
+    distinct = []
+    totals = Counter(labels)
+    for label in labels:
+        seen[label] += 1
+        distinct.append(label if totals[label] == 1 else f"{label} #{seen[label]}")
+    return distinct
+
+
+def knn_curve(run: Run) -> pd.DataFrame:
+    """Return the evaluations with a finite kNN top-1, sorted by step."""
+    evals = run.evals
+    accuracy = pd.to_numeric(evals["knn_top1"], errors="coerce")
+    curve = evals[np.isfinite(accuracy.to_numpy(dtype="float64"))]
+    return curve.sort_values("step", kind="stable")
+
+
+def final_top1(run: Run) -> float:
+    """Return the kNN top-1 of the last evaluation, NaN without evaluations."""
+    curve = knn_curve(run)
+    return float(curve["knn_top1"].iloc[-1]) if not curve.empty else math.nan
+
+
+def best_top1(run: Run) -> float:
+    """Return the highest kNN top-1 of the run, NaN without evaluations."""
+    curve = knn_curve(run)
+    return float(curve["knn_top1"].max()) if not curve.empty else math.nan
+
+
+def status_text(run: Run) -> str:
+    """Return the run state in words, with the reason of a failure when the status has one.
+
+    A killed run still reads ``running`` on disk.
+    """
+    state = str(run.status.get("state", "unknown"))
+    text = STATUS_TEXT.get(state, state)
+    reason = run.status.get("reason")
+    if state == "failed" and reason:
+        reason = str(reason)
+        if len(reason) > MAX_REASON_CHARS:
+            reason = reason[: MAX_REASON_CHARS - 3] + "..."
+        text = f"{text}: {reason}"
+    return text
+
+
+def steps_recorded_text(run: Run) -> str:
+    """Return the number of recorded steps, with the planned total when the config has it."""
+    recorded = int(run.steps["step"].nunique())
+    total = run.derived.get("total_steps")
+    if isinstance(total, int) and not isinstance(total, bool):
+        return f"{recorded} of {total}"
+    return str(recorded)
+
+
+def frozen_check_text(run: Run) -> str:
+    """Return the outcome of the end-of-run comparison of frozen weights with their init."""
+    if not run.frozen:
+        return "not applicable"
+    check = run.frozen_check
+    if check is None:
+        return "missing"
+    passed = check.get("passed")
+    if passed is True:
+        return "passed"
+    if passed is False:
+        difference = check.get("max_abs_diff")
+        if isinstance(difference, int | float) and not isinstance(difference, bool):
+            return f"FAILED (max abs diff {difference:.3g})"
+        return "FAILED"
+    return "missing"
+
+
+def deepest_dip_text(events: RunEvents) -> str:
+    if not events.dips:
+        return "none"
+    deepest = max(events.dips, key=lambda dip: dip.depth)
+    text = f"{deepest.depth:.2f} pts at step {deepest.bottom_step}"
+    return text if deepest.recovered else f"{text}, not recovered"
+
+
+def summary_table(runs: Sequence[Run], events: Sequence[RunEvents], labels: Sequence[str]) -> Table:
+    """Build the one-row-per-run summary table."""
+    rows = []
+    for run, run_events, label in zip(runs, events, labels, strict=True):
+        first_layer_spikes = len(run_events.spikes_on(run_events.first_layer))
+        rows.append(
+            (
+                label,
+                run.arm,
+                status_text(run),
+                steps_recorded_text(run),
+                format_number(final_top1(run)),
+                format_number(best_top1(run)),
+                str(len(run_events.dips)),
+                deepest_dip_text(run_events),
+                str(len(run_events.spikes_on(GRAD_NORM))),
+                f"{first_layer_spikes} ({run_events.first_layer})",
+                str(len(run_events.spikes_on(LOSS))),
+                frozen_check_text(run),
+            )
+        )
+    return Table(columns=SUMMARY_COLUMNS, rows=tuple(rows), caption="Runs at a glance")
+
+
+def configuration_table(runs: Sequence[Run], labels: Sequence[str]) -> Table:
+    """Build the table of each run's main configuration values and its folder."""
+    columns = ("run", *(title for _, title in CONFIG_KEYS), "actual lr", "patch projection")
+    rows = []
+    for run, label in zip(runs, labels, strict=True):
+        values = [format_config_value(run.config.get(key)) for key, _ in CONFIG_KEYS]
+        actual_lr = format_config_value(run.derived.get("lr"))
+        projection = "frozen at init" if run.frozen else "learned"
+        rows.append((label, *values, actual_lr, projection))
+    return Table(columns=columns, rows=tuple(rows), caption="Configuration")
+
+
+def run_folders_table(runs: Sequence[Run], labels: Sequence[str]) -> Table:
+    rows = tuple((label, str(run.path)) for run, label in zip(runs, labels, strict=True))
+    return Table(columns=("run", "folder"), rows=rows, caption="Run folders")
+
+
+def seed_comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table | None:
+    """Build the frozen-minus-learned table for seeds that have one run of each arm.
+
+    Returns None when no seed has both arms. A seed with several runs of one arm is left
+    out and named in the note, because pairing them would be a guess, so the table may have
+    a note and no rows.
+    """
+    by_seed: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for index, run in enumerate(runs):
+        seed = run.config.get("seed")
+        if seed is not None:
+            by_seed[format_config_value(seed)][run.arm].append(index)
+    rows = []
+    final_deltas = []
+    best_deltas = []
+    unpaired = []
+    for seed in sorted(by_seed):
+        arms = by_seed[seed]
+        if not arms["learned"] or not arms["frozen"]:
+            continue
+        if len(arms["learned"]) > 1 or len(arms["frozen"]) > 1:
+            unpaired.append(
+                f"seed {seed} ({len(arms['learned'])} learned, {len(arms['frozen'])} frozen)"
+            )
+            continue
+        learned, frozen = runs[arms["learned"][0]], runs[arms["frozen"][0]]
+        final_delta = final_top1(frozen) - final_top1(learned)
+        best_delta = best_top1(frozen) - best_top1(learned)
+        final_deltas.append(final_delta)
+        best_deltas.append(best_delta)
+        rows.append(
+            (
+                seed,
+                labels[arms["learned"][0]],
+                labels[arms["frozen"][0]],
+                format_number(final_top1(learned)),
+                format_number(final_top1(frozen)),
+                _format_delta(final_delta),
+                format_number(best_top1(learned)),
+                format_number(best_top1(frozen)),
+                _format_delta(best_delta),
+            )
+        )
+    if not rows and not unpaired:
+        return None
+    if rows:
+        rows.append(_mean_row(final_deltas, best_deltas))
+    note = ""
+    if unpaired:
+        note = "Not paired because a seed has several runs of one arm: " + "; ".join(unpaired)
+    return Table(
+        columns=(
+            "seed",
+            "learned run",
+            "frozen run",
+            "final learned",
+            "final frozen",
+            "final frozen − learned",
+            "best learned",
+            "best frozen",
+            "best frozen − learned",
+        ),
+        rows=tuple(rows),
+        caption="Frozen minus learned patch projection, kNN top-1 in points",
+        note=note,
+    )
+
+
+def _mean_row(final_deltas: list[float], best_deltas: list[float]) -> tuple[str, ...]:
+    def mean_text(deltas: list[float]) -> str:
+        finite = [delta for delta in deltas if math.isfinite(delta)]
+        if not finite:
+            return MISSING
+        return f"{_format_delta(float(np.mean(finite)))} (n={len(finite)})"
+
+    return (
+        "mean over seeds",
+        "",
+        "",
+        "",
+        "",
+        mean_text(final_deltas),
+        "",
+        "",
+        mean_text(best_deltas),
+    )
+
+
+def _format_delta(value: float) -> str:
+    if not math.isfinite(value):
+        return MISSING
+    return f"{value:+.2f}"
+
+
+def dips_table(events: RunEvents) -> Table:
+    """Build the table of every dip of one run."""
+    rows = tuple(
+        (
+            str(dip.peak_step),
+            format_number(dip.peak_top1),
+            str(dip.start_step),
+            str(dip.bottom_step),
+            format_number(dip.bottom_top1),
+            format_number(dip.depth),
+            format_number(dip.margin),
+            str(dip.recovery_step) if dip.recovery_step is not None else "not recovered",
+            str(dip.duration_steps),
+        )
+        for dip in events.dips
+    )
+    columns = (
+        "peak step",
+        "peak top-1",
+        "start step",
+        "bottom step",
+        "bottom top-1",
+        "depth (pts)",
+        "margin (pts)",
+        "recovery step",
+        "duration (steps)",
+    )
+    return Table(columns=columns, rows=rows, caption="kNN top-1 dips")
+
+
+def spikes_table(events: RunEvents, max_rows: int) -> Table:
+    """Build the table of one run's spikes on every series, at most ``max_rows`` rows.
+
+    When there are more, the largest by ratio to the baseline are kept, still listed in
+    step order, and the note states how many were left out.
+    """
+    spikes = [spike for series_spikes in events.spikes.values() for spike in series_spikes]
+    listed = sorted(spikes, key=lambda spike: spike.ratio, reverse=True)[:max_rows]
+    listed.sort(key=lambda spike: (spike.peak_step, spike.series))
+    rows = tuple(_spike_row(spike) for spike in listed)
+    left_out = len(spikes) - len(listed)
+    note = ""
+    if left_out:
+        note = (
+            f"{left_out} of {len(spikes)} spikes with smaller ratios are left out; "
+            "events.json lists all of them."
+        )
+    columns = (
+        "series",
+        "start step",
+        "peak step",
+        "duration (steps)",
+        "peak value",
+        "baseline median",
+        "ratio",
+        "z",
+    )
+    return Table(columns=columns, rows=rows, caption="Spikes", note=note)
+
+
+def _spike_row(spike: SpikeEvent) -> tuple[str, ...]:
+    return (
+        spike.series,
+        str(spike.start_step),
+        str(spike.peak_step),
+        str(spike.duration_steps),
+        format_scalar(spike.peak_value),
+        format_scalar(spike.baseline),
+        f"{spike.ratio:.1f}×",
+        format_number(spike.z, 1) if math.isfinite(spike.z) else "inf (MAD 0)",
+    )
+
+
+def parameters_table(params: DetectorParams) -> Table:
+    """Build the table of every detector parameter used for the report."""
+    rows = tuple(
+        (detector, name, str(value))
+        for detector, values in params.to_dict().items()
+        for name, value in values.items()
+    )
+    return Table(columns=("detector", "parameter", "value"), rows=rows, caption="Detectors")

@@ -1,0 +1,305 @@
+"""The run-directory format: writing it while a run goes, and reading it back.
+
+A run directory contains:
+
+- ``config.json``: the resolved configuration, derived values (the lr after batch scaling,
+  steps per epoch, the layer names) and the environment (versions, device, seed).
+- ``status.json``: ``running``, ``finished`` or ``failed``, rewritten as the run goes. A run
+  killed by a signal it could not catch stays ``running``.
+- ``steps/``, ``layers/``, ``evals/``: one Parquet file per flushed chunk. Each chunk is
+  written to a temporary name and renamed, so a killed run loses at most the chunk that was
+  still in memory and never leaves a half-written file behind.
+- ``frozen_check.json``: the end-of-run comparison of frozen parameters with their
+  initial values.
+- ``checkpoint.pt``: the last checkpoint, also written atomically.
+
+Tables, one row per optimiser step (``steps``), per step and layer group (``layers``) or per
+evaluation (``evals``), with the columns listed in :data:`TABLE_COLUMNS`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from stabilitylab.errors import RunDirError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+STATUS_FILE = "status.json"
+FROZEN_CHECK_FILE = "frozen_check.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "steps": (
+        "step",  # optimiser step, from 0
+        "epoch",  # fractional epoch at the start of the step
+        "loss",
+        "lr",  # actual learning rate (after batch scaling and the schedule)
+        "momentum",  # momentum-encoder EMA coefficient
+        "weight_decay",
+        "grad_norm",  # L2 norm of all trainable gradients, after unscaling
+        "token_grad_norm",  # L2 norm of d loss / d tokens entering blocks.00
+        "loss_scale",  # fp16 gradient-scaler scale, 1.0 otherwise
+        "samples_per_s",  # training images per second over the step, both views counted once
+        "wall_time",  # seconds since the start of training
+    ),
+    "layers": (
+        "step",
+        "layer",  # layer-group name, see stabilitylab.models.layer_groups
+        "grad_norm",  # NaN where the group has no gradient (frozen)
+        "weight_norm",
+        "update_ratio",  # ||w_after - w_before|| / ||w_before||, NaN where frozen
+    ),
+    "evals": (
+        "step",  # evaluated after this many optimiser steps
+        "epoch",
+        "knn_top1",  # percent
+        "knn_top5",  # percent, NaN with fewer than 5 classes
+        "n_bank",  # images in the kNN feature bank
+        "n_query",  # images evaluated
+        "eval_seconds",
+    ),
+}
+
+_CHUNK_PATTERN = re.compile(r"^part-(\d{6})\.parquet$")
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
+    text = json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n"
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file()
+
+
+def prepare_run_dir(path: Path, overwrite: bool = False) -> Path:
+    """Create ``path`` for a new run, rejecting a folder that already holds files.
+
+    With ``overwrite`` a previous run directory at ``path`` is emptied first; a non-empty
+    folder that is not a run directory is never emptied.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"--out {path} is a file, not a folder; pass a new folder name")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise RunDirError(
+                f"--out {path} already contains files; pass a new folder or --overwrite "
+                "to replace the run that is there"
+            )
+        if not _is_run_dir(path):
+            raise RunDirError(
+                f"--out {path} contains files but no {CONFIG_FILE}, so it is not a run "
+                "directory; --overwrite only replaces run directories, pass a new folder"
+            )
+        _remove_run_files(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _remove_run_files(path: Path) -> None:
+    for table in TABLE_COLUMNS:
+        table_dir = path / table
+        if table_dir.is_dir():
+            for chunk in table_dir.iterdir():
+                chunk.unlink()
+            table_dir.rmdir()
+    for name in (CONFIG_FILE, STATUS_FILE, FROZEN_CHECK_FILE, CHECKPOINT_FILE):
+        (path / name).unlink(missing_ok=True)
+    leftovers = sorted(p.name for p in path.iterdir())
+    if leftovers:
+        raise RunDirError(
+            f"--out {path} still contains {', '.join(leftovers)} after removing the previous "
+            "run's files; move them away or pass a new folder"
+        )
+
+
+class RunWriter:
+    """Writer for one run directory; every write is atomic and flushed to disk."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._next_chunk = {table: 0 for table in TABLE_COLUMNS}
+        for table in TABLE_COLUMNS:
+            (self.path / table).mkdir(parents=True, exist_ok=True)
+
+    def write_config(
+        self, config: dict[str, Any], derived: dict[str, Any], environment: dict[str, Any]
+    ) -> None:
+        payload = {
+            "format_version": FORMAT_VERSION,
+            "config": config,
+            "derived": derived,
+            "environment": environment,
+        }
+        write_json_atomic(self.path / CONFIG_FILE, payload)
+
+    def write_status(self, state: str, **fields: Any) -> None:
+        write_json_atomic(self.path / STATUS_FILE, {"state": state, **fields})
+
+    def write_json(self, name: str, payload: Any) -> None:
+        write_json_atomic(self.path / name, payload)
+
+    def append(self, table: str, frame: pd.DataFrame) -> None:
+        """Append ``frame`` to ``table`` as one new Parquet chunk."""
+        expected = TABLE_COLUMNS[table]
+        if tuple(frame.columns) != expected:
+            raise ValueError(
+                f"{table} chunk has columns {list(frame.columns)}, expected {expected}"
+            )
+        if frame.empty:
+            return
+        index = self._next_chunk[table]
+        final = self.path / table / f"part-{index:06d}.parquet"
+        fd, tmp_name = tempfile.mkstemp(prefix=".part-", suffix=".tmp", dir=final.parent)
+        os.close(fd)
+        try:
+            frame.to_parquet(tmp_name, index=False, engine="pyarrow")
+            with open(tmp_name, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp_name, final)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        self._next_chunk[table] = index + 1
+
+
+@dataclass
+class Run:
+    """One run directory read into memory: configuration, status and the three tables."""
+
+    path: Path
+    config: dict[str, Any]
+    derived: dict[str, Any]
+    environment: dict[str, Any]
+    status: dict[str, Any]
+    steps: pd.DataFrame
+    layers: pd.DataFrame
+    evals: pd.DataFrame
+    frozen_check: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def frozen(self) -> bool:
+        return bool(self.config.get("freeze_patch_embed", False))
+
+    @property
+    def arm(self) -> str:
+        """``frozen`` or ``learned``: whether the patch projection was trained."""
+        return "frozen" if self.frozen else "learned"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.arm})"
+
+    @property
+    def layer_names(self) -> list[str]:
+        names = self.derived.get("layers")
+        if names:
+            return list(names)
+        return list(dict.fromkeys(self.layers["layer"])) if not self.layers.empty else []
+
+    @property
+    def finished(self) -> bool:
+        return self.status.get("state") == "finished"
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise RunDirError(
+            f"{path} is not valid JSON ({error}); the {what} file is damaged"
+        ) from None
+    if not isinstance(payload, dict):
+        raise RunDirError(f"{path} does not contain a JSON object; the {what} file is damaged")
+    return payload
+
+
+def _read_table(run_dir: Path, table: str, warnings: list[str]) -> pd.DataFrame:
+    columns = TABLE_COLUMNS[table]
+    table_dir = run_dir / table
+    chunks = []
+    if table_dir.is_dir():
+        chunks = sorted(p for p in table_dir.iterdir() if _CHUNK_PATTERN.match(p.name))
+    frames = []
+    for chunk in chunks:
+        try:
+            frames.append(pd.read_parquet(chunk, engine="pyarrow"))
+        except Exception as error:  # pyarrow raises several types for a damaged file
+            message = f"skipped damaged chunk {chunk.relative_to(run_dir)}: {error}"
+            log.warning("%s: %s", run_dir, message)
+            warnings.append(message)
+    if not frames:
+        return pd.DataFrame({name: pd.Series(dtype="float64") for name in columns})
+    frame = pd.concat(frames, ignore_index=True)
+    missing = [name for name in columns if name not in frame.columns]
+    if missing:
+        raise RunDirError(
+            f"{table_dir} lacks the columns {missing}; it was not written by this version"
+        )
+    return frame.sort_values("step", kind="stable").reset_index(drop=True)
+
+
+def read_run(path: str | os.PathLike[str]) -> Run:
+    """Read a run directory written by ``stabilitylab run``, finished or not."""
+    run_dir = Path(path)
+    if not run_dir.exists():
+        raise RunDirError(f"run directory {run_dir} does not exist; pass the --out folder of a run")
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} is a file, not a run directory")
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.is_file():
+        raise RunDirError(
+            f"{run_dir} contains no {CONFIG_FILE}, so it is not a run directory (or its run "
+            "stopped before it began); pass the --out folder of a run"
+        )
+    payload = _read_json(config_path, "configuration")
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        raise RunDirError(
+            f"{config_path} has format_version {version!r}; this stabilitylab reads version "
+            f"{FORMAT_VERSION}"
+        )
+    status_path = run_dir / STATUS_FILE
+    status = _read_json(status_path, "status") if status_path.is_file() else {"state": "unknown"}
+    frozen_path = run_dir / FROZEN_CHECK_FILE
+    frozen_check = _read_json(frozen_path, "frozen-check") if frozen_path.is_file() else None
+    warnings: list[str] = []
+    tables = {table: _read_table(run_dir, table, warnings) for table in TABLE_COLUMNS}
+    return Run(
+        path=run_dir,
+        config=payload.get("config", {}),
+        derived=payload.get("derived", {}),
+        environment=payload.get("environment", {}),
+        status=status,
+        frozen_check=frozen_check,
+        warnings=warnings,
+        **tables,
+    )

@@ -1,0 +1,1 @@
+"""The training harness: loop, schedules, optimiser, precision and checkpoints."""

@@ -1,0 +1,395 @@
+"""The training loop of ``stabilitylab run``: one self-supervised run into one run directory."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from timm.optim import create_optimizer_v2
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm.auto import tqdm
+
+from probes.knn import KnnResult, extract_features, weighted_knn
+from stabilitylab.config import Derived, RunConfig, derive
+from stabilitylab.data import DataBundle, build_data
+from stabilitylab.errors import TrainingError
+from stabilitylab.methods.mocov3 import MoCoV3, momentum_at
+from stabilitylab.models.layers import named_groups
+from stabilitylab.models.vit import (
+    FIXED_PARAMETERS,
+    build_backbone,
+    freeze_patch_embed,
+    patch_embed_parameters,
+)
+from stabilitylab.monitor.recorder import HostStep, MetricsRecorder
+from stabilitylab.monitor.signals import TrainingMonitor
+from stabilitylab.runs import CHECKPOINT_FILE, FROZEN_CHECK_FILE, RunWriter, prepare_run_dir
+from stabilitylab.train.checkpoint import save_checkpoint
+from stabilitylab.train.environment import describe_environment, resolve_device
+from stabilitylab.train.precision import autocast_factory, build_scaler, scale_tensor
+from stabilitylab.train.schedules import build_lr_schedule, lr_at
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Summary of a finished run."""
+
+    run_dir: Path
+    steps: int
+    final_knn_top1: float
+    best_knn_top1: float
+    frozen_check_passed: bool | None
+    wall_seconds: float
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(config: RunConfig, derived: Derived) -> MoCoV3:
+    """Build the model from the run's seed; the freeze only changes ``requires_grad``."""
+    torch.manual_seed(config.seed)
+    backbone = build_backbone(
+        config.model_spec, derived.img_size, derived.patch_size, derived.in_chans
+    )
+    model = MoCoV3(backbone, config.proj_hidden_dim, config.proj_dim, config.temperature)
+    if config.freeze_patch_embed:
+        freeze_patch_embed(model.backbone)
+        freeze_patch_embed(model.momentum_backbone)
+    return model
+
+
+def parameter_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of all parameters in order; equal for both arms of the same seed."""
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(parameter.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def epoch_loader(
+    data: DataBundle, config: RunConfig, epoch: int, device: torch.device
+) -> DataLoader:
+    # A generator per (seed, epoch) fixes the data order and the worker seeds, the same in
+    # both arms.
+    generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+    return DataLoader(
+        data.train,
+        batch_size=config.batch_size,
+        sampler=RandomSampler(data.train, generator=generator),
+        drop_last=True,
+        num_workers=config.workers,
+        pin_memory=device.type == "cuda",
+        generator=generator,
+        persistent_workers=False,
+    )
+
+
+class Trainer:
+    """State of one run: model, optimiser, monitor and writers."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: Path,
+        data: DataBundle,
+        derived: Derived,
+        device: torch.device,
+    ):
+        self.config = config
+        self.derived = derived
+        self.data = data
+        self.device = device
+        self.autocast = autocast_factory(config.precision, device)
+        self.model = build_model(config, derived).to(device)
+        self.frozen_initial = {name: p.detach().clone() for name, p in self._frozen_parameters()}
+        self.init_fingerprint = parameter_fingerprint(self.model)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # MoCo v3 applies weight decay to every trainable parameter, biases and norms included.
+        self.optimizer = create_optimizer_v2(
+            trainable, opt="adamw", lr=derived.lr, weight_decay=config.weight_decay
+        )
+        self.scheduler = build_lr_schedule(
+            self.optimizer, derived.total_steps, derived.warmup_steps
+        )
+        self.scaler = build_scaler(config.precision, device)
+        groups = named_groups(self.model.online_modules(), skip=FIXED_PARAMETERS)
+        self.layer_names = [name for name, _ in groups]
+        self.monitor = TrainingMonitor(
+            groups, self.model.backbone.blocks[0], device, config.flush_every
+        )
+        self.writer = RunWriter(run_dir)
+        self.recorder = MetricsRecorder(
+            self.monitor, self.writer, samples_per_step=config.batch_size
+        )
+        self.run_dir = run_dir
+        self.step = 0
+        self.evals: list[KnnResult] = []
+        self.start_time = time.perf_counter()
+
+    def _frozen_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        if not self.config.freeze_patch_embed:
+            return []
+        online = [(f"backbone.{n}", p) for n, p in patch_embed_parameters(self.model.backbone)]
+        momentum = [
+            (f"momentum_backbone.{n}", p)
+            for n, p in patch_embed_parameters(self.model.momentum_backbone)
+        ]
+        return online + momentum
+
+    # -- run directory ---------------------------------------------------------------------
+
+    def write_header(self, environment: dict[str, Any]) -> None:
+        derived = {
+            **self.derived.to_dict(),
+            "layers": self.layer_names,
+            "first_layer": "patch_embed",
+            "last_block": f"blocks.{len(self.model.backbone.blocks) - 1:02d}",
+            "init_fingerprint": self.init_fingerprint,
+            "dataset_description": self.data.description,
+        }
+        self.writer.write_config(self.config.to_dict(), derived, environment)
+        self.writer.write_status("running", step=0, total_steps=self.derived.total_steps)
+
+    def flush(self) -> None:
+        result = self.recorder.flush()
+        if result is None:
+            return
+        if result.first_nonfinite is not None:
+            bad = result.first_nonfinite
+            self.writer.write_status("failed", step=bad.step, reason="non-finite loss")
+            raise TrainingError(
+                f"the loss became non-finite at step {bad.step} (lr {bad.lr:.3g}, precision "
+                f"{self.config.precision}); metrics up to that step are in {self.run_dir}. Lower "
+                "--lr or use --precision fp32"
+            )
+        self.writer.write_status("running", step=self.step, total_steps=self.derived.total_steps)
+
+    def save(self) -> None:
+        state = {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "config": self.config.to_dict(),
+        }
+        save_checkpoint(self.run_dir / CHECKPOINT_FILE, state)
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def views(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Move a loader batch to the device as two views, augmenting it there if needed."""
+        images = batch[0]
+        if self.data.batch_views is not None:
+            return self.data.batch_views(images.to(self.device, non_blocking=True))
+        view1, view2 = images
+        return view1.to(self.device, non_blocking=True), view2.to(self.device, non_blocking=True)
+
+    def train_step(self, view1: torch.Tensor, view2: torch.Tensor, epoch: float) -> None:
+        self.scheduler.step_update(num_updates=self.step)
+        lr = lr_at(self.optimizer)
+        momentum = momentum_at(self.step, self.derived.total_steps, self.config.momentum)
+
+        with self.autocast():
+            loss = self.model(view1, view2)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+
+        # Every norm is measured on unscaled gradients.
+        self.scaler.unscale_(self.optimizer)
+        self.monitor.record_gradients(loss, scale_tensor(self.scaler, self.device))
+        self.monitor.snapshot_weights()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.monitor.record_updates()
+        self.model.update_momentum_encoder(momentum)
+
+        self.recorder.add(
+            HostStep(
+                step=self.step,
+                epoch=epoch,
+                lr=lr,
+                momentum=momentum,
+                weight_decay=self.config.weight_decay,
+                wall_time=time.perf_counter() - self.start_time,
+            )
+        )
+        self.step += 1
+
+    def evaluate(self) -> KnnResult:
+        started = time.perf_counter()
+        backbone = self.model.backbone
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            bank, bank_labels = extract_features(
+                self.model.features, self.data.knn_bank, self.device, autocast=self.autocast
+            )
+            queries, query_labels = extract_features(
+                self.model.features, self.data.knn_query, self.device, autocast=self.autocast
+            )
+        finally:
+            backbone.train(was_training)
+        result = weighted_knn(
+            bank,
+            bank_labels,
+            queries,
+            query_labels,
+            self.data.num_classes,
+            k=self.config.knn_k,
+            temperature=self.config.knn_temperature,
+        )
+        frame = pd.DataFrame(
+            {
+                "step": [self.step],
+                "epoch": [self.step / self.derived.steps_per_epoch],
+                "knn_top1": [result.top1],
+                "knn_top5": [result.top5 if result.top5 is not None else float("nan")],
+                "n_bank": [result.n_bank],
+                "n_query": [result.n_query],
+                "eval_seconds": [time.perf_counter() - started],
+            }
+        )
+        self.writer.append("evals", frame)
+        self.evals.append(result)
+        return result
+
+    def check_frozen(self) -> bool | None:
+        """Compare frozen parameters with their initial values and record the result."""
+        entries = []
+        for name, parameter in self._frozen_parameters():
+            initial = self.frozen_initial[name]
+            identical = torch.equal(parameter.detach(), initial)
+            diff = (parameter.detach().float() - initial.float()).abs().max().item()
+            entries.append({"name": name, "identical": identical, "max_abs_diff": diff})
+        applies = bool(entries)
+        passed = all(e["identical"] for e in entries) if applies else None
+        self.writer.write_json(
+            FROZEN_CHECK_FILE,
+            {
+                "applies": applies,
+                "passed": passed,
+                "steps": self.step,
+                "optimizer": "adamw",
+                "weight_decay": self.config.weight_decay,
+                "max_abs_diff": max((e["max_abs_diff"] for e in entries), default=0.0),
+                "parameters": entries,
+            },
+        )
+        return passed
+
+    def close(self) -> None:
+        self.monitor.close()
+
+
+def _train_epochs(trainer: Trainer, progress: tqdm | None) -> None:
+    config, derived = trainer.config, trainer.derived
+    for epoch in range(config.epochs):
+        loader = epoch_loader(trainer.data, config, epoch, trainer.device)
+        for batch_index, batch in enumerate(loader):
+            view1, view2 = trainer.views(batch)
+            trainer.train_step(view1, view2, epoch + batch_index / derived.steps_per_epoch)
+            if trainer.step % config.eval_every == 0 or trainer.step == derived.total_steps:
+                result = trainer.evaluate()
+                if progress is not None:
+                    progress.set_postfix(knn_top1=f"{result.top1:.1f}", refresh=False)
+            if trainer.recorder.due:
+                trainer.flush()
+            if trainer.step % config.checkpoint_every == 0:
+                trainer.flush()
+                trainer.save()
+            if progress is not None:
+                progress.update(1)
+
+
+def run_training(
+    config: RunConfig, out: str | Path, overwrite: bool = False, show_progress: bool | None = None
+) -> RunResult:
+    """Train one run into ``out`` and return its summary.
+
+    Everything that can be checked before training (device, precision, data, batch size) is
+    checked before the run directory is created, so a bad option leaves no folder behind.
+    ``show_progress=None`` shows a progress bar only on a terminal.
+    """
+    device = resolve_device(config.device)
+    autocast_factory(config.precision, device)
+    seed_everything(config.seed)
+    data = build_data(config)
+    derived = derive(config, len(data.train), data.in_chans, data.num_classes)
+    run_dir = prepare_run_dir(Path(out), overwrite=overwrite)
+
+    trainer = Trainer(config, run_dir, data, derived, device)
+    trainer.write_header(describe_environment(device, config.seed))
+    log.info(
+        "%s: %s, %s, %d steps (%d per epoch), lr %.3g, freeze_patch_embed=%s, device %s",
+        run_dir,
+        config.method,
+        data.description,
+        derived.total_steps,
+        derived.steps_per_epoch,
+        derived.lr,
+        config.freeze_patch_embed,
+        device,
+    )
+    # tqdm's disable=None hides the bar when stderr is not a terminal.
+    disable = None if show_progress is None else not show_progress
+    progress = tqdm(total=derived.total_steps, desc=run_dir.name, unit="step", disable=disable)
+    try:
+        trainer.evaluate()  # step 0: the starting point of the kNN curve
+        _train_epochs(trainer, progress)
+        trainer.flush()
+        passed = trainer.check_frozen()
+        trainer.save()
+    except KeyboardInterrupt:
+        trainer.flush()
+        trainer.writer.write_status(
+            "interrupted", step=trainer.step, total_steps=derived.total_steps
+        )
+        raise
+    except TrainingError:
+        raise  # flush() has already recorded the failure
+    except Exception as error:
+        trainer.writer.write_status(
+            "failed", step=trainer.step, reason=f"{type(error).__name__}: {error}"
+        )
+        raise
+    finally:
+        progress.close()
+        trainer.close()
+    wall = time.perf_counter() - trainer.start_time
+    top1 = [r.top1 for r in trainer.evals]
+    trainer.writer.write_status(
+        "finished",
+        step=trainer.step,
+        total_steps=derived.total_steps,
+        wall_seconds=wall,
+        final_knn_top1=top1[-1],
+        best_knn_top1=max(top1),
+        frozen_check_passed=passed,
+    )
+    log.info(
+        "%s: finished %d steps in %.0f s, kNN top-1 %.2f%% (best %.2f%%)",
+        run_dir,
+        trainer.step,
+        wall,
+        top1[-1],
+        max(top1),
+    )
+    if passed is False:
+        raise TrainingError(
+            f"frozen patch projection changed during training; see {run_dir / FROZEN_CHECK_FILE}"
+        )
+    return RunResult(run_dir, trainer.step, top1[-1], max(top1), passed, wall)

@@ -1,0 +1,182 @@
+"""The CLI through a subprocess, as a user runs it: errors, a tiny run, reports, a killed run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pandas as pd
+import pytest
+from conftest import TINY_RUN_ARGS
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def run_cli(command, *args, timeout=300):
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, timeout=timeout, env=ENV
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["run", "--lr", "-1"], "--lr -1.0 is invalid"),
+        (["run", "--batch-size", "0"], "--batch-size 0 is invalid"),
+        (["run", "--img-size", "18"], "--img-size 18 is not divisible by --patch-size 4"),
+        (["run", "--preset", "nope"], "invalid choice: 'nope'"),
+        (["run", "--model", "vit_huge"], "invalid choice: 'vit_huge'"),
+        (["run", "--device", "tpu"], "--device 'tpu' is invalid"),
+        (["run", "--batch-size", "5000"], "--batch-size 5000 is larger than the training split"),
+        (["run", "--lr", "abc"], "invalid float value: 'abc'"),
+        (["run", "--no-such-option", "1"], "unrecognized arguments: --no-such-option"),
+        (["run", "--precision", "fp16", "--device", "cpu"], "--precision fp16 needs a CUDA device"),
+    ],
+)
+def test_run_rejects_bad_value(cli_command, tmp_path, args, expected):
+    out = tmp_path / "run"
+    result = run_cli(cli_command, *args, "--out", str(out))
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not out.exists()
+
+
+def test_report_rejects_missing_and_empty_dirs(cli_command, tmp_path):
+    missing = run_cli(cli_command, "report", str(tmp_path / "absent"))
+    assert missing.returncode == 2
+    assert "does not exist" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli(cli_command, "report", str(empty))
+    assert result.returncode == 2
+    assert "contains no config.json" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_run_rejects_existing_out(cli_command, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    result = run_cli(cli_command, "run", "--out", str(out), "--overwrite")
+    assert result.returncode == 2
+    assert "not a run directory" in result.stderr
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_help_explains_options(cli_command):
+    result = run_cli(cli_command, "run", "--help")
+    assert result.returncode == 0
+    for option in (
+        "--freeze-patch-embed",
+        "--lr",
+        "--batch-size",
+        "--eval-every",
+        "--preset",
+        "--device",
+    ):
+        assert option in result.stdout
+    assert "per 256 images" in result.stdout
+    assert "(digits preset: 0.001)" in result.stdout
+    report = run_cli(cli_command, "report", "--help")
+    assert report.returncode == 0
+    assert "--out" in report.stdout
+
+
+@pytest.mark.slow
+def test_run_then_report_both_arms(cli_command, tmp_path):
+    runs = {}
+    for arm, extra in (("learned", []), ("frozen", ["--freeze-patch-embed"])):
+        out = tmp_path / arm
+        result = run_cli(cli_command, "run", "--out", str(out), *TINY_RUN_ARGS, *extra)
+        assert result.returncode == 0, result.stderr
+        runs[arm] = out
+
+    learned_config = json.loads((runs["learned"] / "config.json").read_text())
+    frozen_config = json.loads((runs["frozen"] / "config.json").read_text())
+    assert (
+        learned_config["derived"]["init_fingerprint"]
+        == frozen_config["derived"]["init_fingerprint"]
+    )
+    assert frozen_config["config"]["freeze_patch_embed"] is True
+    assert learned_config["environment"]["torch"]
+    assert learned_config["derived"]["total_steps"] == 2 * (1347 // 64)
+
+    check = json.loads((runs["frozen"] / "frozen_check.json").read_text())
+    assert check["applies"] is True
+    assert check["passed"] is True
+    assert len(check["parameters"]) == 4
+    assert check["max_abs_diff"] == 0.0
+
+    steps = pd.read_parquet(runs["frozen"] / "steps")
+    layers = pd.read_parquet(runs["frozen"] / "layers")
+    evals = pd.read_parquet(runs["frozen"] / "evals")
+    assert list(steps["step"]) == list(range(42))
+    assert steps["token_grad_norm"].gt(0).all()
+    assert layers.loc[layers["layer"] == "patch_embed", "grad_norm"].isna().all()
+    assert layers.loc[layers["layer"] == "blocks.00", "grad_norm"].gt(0).all()
+    assert list(evals["step"]) == [0, 10, 20, 30, 40, 42]
+    assert evals["knn_top1"].between(0, 100).all()
+    assert (runs["frozen"] / "checkpoint.pt").is_file()
+    status = json.loads((runs["frozen"] / "status.json").read_text())
+    assert status["state"] == "finished"
+
+    report_dir = tmp_path / "report"
+    result = run_cli(
+        cli_command, "report", str(runs["learned"]), str(runs["frozen"]), "--out", str(report_dir)
+    )
+    assert result.returncode == 0, result.stderr
+    html = (report_dir / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 4
+    assert "learned" in html and "frozen" in html
+    assert (report_dir / "report.md").is_file()
+    assert json.loads((report_dir / "events.json").read_text())
+    assert len(list(report_dir.glob("*.png"))) >= 4
+
+
+@pytest.mark.slow
+def test_report_after_sigkill(cli_command, tmp_path):
+    out = tmp_path / "killed"
+    args = [*TINY_RUN_ARGS, "--epochs=20", "--flush-every=4"]
+    process = subprocess.Popen(
+        [*cli_command, "run", "--out", str(out), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+    )
+    deadline = time.monotonic() + 240
+    try:
+        # Wait until a few chunks have been flushed, then kill without warning.
+        while time.monotonic() < deadline:
+            if len(list(out.glob("steps/part-*.parquet"))) >= 3:
+                break
+            assert process.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.2)
+        else:
+            pytest.fail("no metrics were flushed within the time limit")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    assert json.loads((out / "status.json").read_text())["state"] == "running"
+    # A kill during a write can leave a hidden temporary file, never a damaged chunk.
+    assert all(p.name.startswith(".") for p in out.rglob("*.tmp"))
+    for chunk in out.glob("*/part-*.parquet"):
+        assert len(pd.read_parquet(chunk)) > 0, chunk
+
+    report_dir = tmp_path / "report"
+    result = run_cli(cli_command, "report", str(out), "--out", str(report_dir))
+    assert result.returncode == 0, result.stderr
+    html = (report_dir / "report.html").read_text()
+    assert "data:image/png;base64," in html
+    assert "running" in html or "incomplete" in html
+
+
+def test_python_m_entry_point(cli_command):
+    result = run_cli(cli_command, "--version")
+    assert result.returncode == 0
+    assert "stabilitylab" in result.stdout

@@ -1,0 +1,148 @@
+"""Model, freeze and MoCo v3 loss: gradients, bit-identical frozen weights, chance level."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from timm.optim import create_optimizer_v2
+
+from stabilitylab.config import derive
+from stabilitylab.methods.mocov3 import contrastive_loss, momentum_at
+from stabilitylab.models.vit import sincos_2d_position_embedding
+from stabilitylab.train.loop import build_model, parameter_fingerprint
+
+
+def _derived(config):
+    return derive(config, train_size=1347, in_chans=1, num_classes=10)
+
+
+def _step(model, optimizer, batch=32, size=16):
+    view1 = torch.rand(batch, 1, size, size)
+    view2 = torch.rand(batch, 1, size, size)
+    optimizer.zero_grad(set_to_none=True)
+    loss = model(view1, view2)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def test_every_trainable_parameter_gets_gradient(tiny_config):
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = build_model(config, _derived(config))
+    loss = model(torch.rand(16, 1, 16, 16), torch.rand(16, 1, 16, 16))
+    loss.backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable
+    for name, parameter in trainable:
+        assert parameter.grad is not None, name
+        assert torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().sum() > 0, name
+    for name, parameter in model.named_parameters():
+        if name.startswith("momentum_"):
+            assert parameter.grad is None, name
+
+
+def test_frozen_patch_embed_bit_identical_under_weight_decay(tiny_config):
+    config = tiny_config(freeze_patch_embed=True, weight_decay=0.5)
+    model = build_model(config, _derived(config))
+    frozen = {
+        name: p.detach().clone()
+        for name, p in model.named_parameters()
+        if ".patch_embed." in f".{name}"
+    }
+    assert sorted(frozen) == sorted(
+        [
+            "backbone.patch_embed.proj.weight",
+            "backbone.patch_embed.proj.bias",
+            "momentum_backbone.patch_embed.proj.weight",
+            "momentum_backbone.patch_embed.proj.bias",
+        ]
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = create_optimizer_v2(trainable, opt="adamw", lr=1e-2, weight_decay=0.5)
+    for _ in range(3):
+        _step(model, optimizer)
+        model.update_momentum_encoder(0.9)
+    parameters = dict(model.named_parameters())
+    for name, initial in frozen.items():
+        assert parameters[name].grad is None, name
+        assert torch.equal(parameters[name].detach(), initial), name
+    # The rest of the backbone did train.
+    assert not torch.equal(
+        parameters["backbone.blocks.0.attn.qkv.weight"],
+        model.momentum_backbone.blocks[0].attn.qkv.weight,
+    )
+
+
+def test_both_arms_start_identical(tiny_config):
+    learned = build_model(tiny_config(), _derived(tiny_config()))
+    frozen_config = tiny_config(freeze_patch_embed=True)
+    frozen = build_model(frozen_config, _derived(frozen_config))
+    assert parameter_fingerprint(learned) == parameter_fingerprint(frozen)
+    other_seed = build_model(tiny_config(seed=1), _derived(tiny_config(seed=1)))
+    assert parameter_fingerprint(other_seed) != parameter_fingerprint(learned)
+
+
+def test_patch_projection_init_bound(tiny_config):
+    config = tiny_config()
+    model = build_model(config, _derived(config))
+    proj = model.backbone.patch_embed.proj
+    bound = math.sqrt(6.0 / (1 * 4 * 4 + 64))
+    assert proj.weight.abs().max() <= bound
+    assert proj.weight.abs().max() > 0.9 * bound
+    assert torch.count_nonzero(proj.bias) == 0
+    assert not model.backbone.pos_embed.requires_grad
+
+
+def test_sincos_embedding_layout():
+    table = sincos_2d_position_embedding(grid_size=4, dim=16)
+    assert table.shape == (16, 16)
+    # Token 0 sits at x = y = 0: sin parts 0, cos parts 1.
+    assert torch.allclose(table[0, 0:4], torch.zeros(4))
+    assert torch.allclose(table[0, 4:8], torch.ones(4))
+    # Tokens in one row share the y half of the table.
+    assert torch.allclose(table[0, 8:], table[3, 8:])
+    assert not torch.allclose(table[0, :8], table[3, :8])
+    with pytest.raises(ValueError):
+        sincos_2d_position_embedding(grid_size=4, dim=18)
+
+
+@pytest.mark.parametrize("batch", [64, 256])
+def test_loss_at_init_near_chance(tiny_config, batch):
+    # The recipe's 256-wide output keeps the random logits' variance, which adds about
+    # 2 / (proj_dim * tau) to 4 tau ln(B), small.
+    config = tiny_config(proj_dim=256, proj_hidden_dim=256)
+    torch.manual_seed(0)
+    model = build_model(config, _derived(config))
+    with torch.no_grad():
+        loss = model(torch.rand(batch, 1, 16, 16), torch.rand(batch, 1, 16, 16)).item()
+    chance = 4 * config.temperature * math.log(batch)
+    assert abs(loss - chance) < 0.05 * chance, (loss, chance)
+
+
+def test_contrastive_loss_hand_computed():
+    query = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    key = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
+    tau = 0.5
+    # Normalised: q = [[1, 0], [0, 1]], k = [[1, 0], [s, s]] with s = 1/sqrt(2).
+    s = 1 / math.sqrt(2)
+    row0 = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + math.exp(s / tau)))
+    row1 = -math.log(math.exp(s / tau) / (math.exp(0 / tau) + math.exp(s / tau)))
+    expected = (row0 + row1) / 2 * 2 * tau
+    assert contrastive_loss(query, key, tau).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("step", "total", "base", "expected"),
+    [
+        (0, 100, 0.99, 0.99),
+        (50, 100, 0.99, 0.995),
+        (100, 100, 0.99, 1.0),
+        (25, 100, 0.9, 1 - 0.05 * (1 + math.cos(math.pi / 4))),
+    ],
+)
+def test_momentum_schedule(step, total, base, expected):
+    assert momentum_at(step, total, base) == pytest.approx(expected)
