@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,11 +21,12 @@ log = logging.getLogger("stabilitylab")
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130
 
 
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line: the problem and where to look."""
+
+    commands: dict[str, Parser]
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -191,7 +193,7 @@ def _digits_defaults() -> RunConfig:
     return RunConfig(**load_preset("digits"))
 
 
-def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:
+def _add_run_parser(subparsers: argparse._SubParsersAction) -> Parser:
     parser = subparsers.add_parser(
         "run",
         help="train one self-supervised run and record its stability signals",
@@ -231,9 +233,10 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:
             default=argparse.SUPPRESS,
             help=option.help + _default_text(option),
         )
+    return parser
 
 
-def _add_report_parser(subparsers: argparse._SubParsersAction) -> None:
+def _add_report_parser(subparsers: argparse._SubParsersAction) -> Parser:
     parser = subparsers.add_parser(
         "report",
         help="write an HTML and Markdown report of one or more runs",
@@ -252,6 +255,7 @@ def _add_report_parser(subparsers: argparse._SubParsersAction) -> None:
         "first run for several)",
     )
     parser.add_argument("--quiet", action="store_true", help="log only warnings and errors")
+    return parser
 
 
 def build_parser() -> Parser:
@@ -267,8 +271,10 @@ def build_parser() -> Parser:
     subparsers = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=Parser
     )
-    _add_run_parser(subparsers)
-    _add_report_parser(subparsers)
+    parser.commands = {
+        "run": _add_run_parser(subparsers),
+        "report": _add_report_parser(subparsers),
+    }
     return parser
 
 
@@ -280,10 +286,21 @@ def _configure_logging(quiet: bool) -> None:
     )
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: batch schedulers and ``timeout`` send it before a kill."""
+
+    signal_number = signal.SIGTERM
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def _command_run(args: argparse.Namespace) -> int:
     from stabilitylab.config import build_config
     from stabilitylab.train.loop import run_training
 
+    signal.signal(signal.SIGTERM, _raise_terminated)
     overrides = {o.field: getattr(args, o.field) for o in RUN_OPTIONS if hasattr(args, o.field)}
     config = build_config(args.preset, **overrides)
     result = run_training(config, args.out, overwrite=args.overwrite)
@@ -303,7 +320,11 @@ def _command_report(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # Name the subcommand in the message, which the top-level parser would not.
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     _configure_logging(args.quiet)
     command = {"run": _command_run, "report": _command_report}[args.command]
     try:
@@ -312,10 +333,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stabilitylab {args.command}: failed: {error}", file=sys.stderr)
         return EXIT_FAILED
     except StabilityLabError as error:
-        print(f"stabilitylab {args.command}: error: {error}", file=sys.stderr)
+        print(f"stabilitylab {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print(
-            f"stabilitylab {args.command}: interrupted; what was flushed is kept", file=sys.stderr
+            f"stabilitylab {args.command}: interrupted; the metrics so far and a checkpoint "
+            "are kept",
+            file=sys.stderr,
         )
-        return EXIT_INTERRUPTED
+        return 128 + getattr(interrupt, "signal_number", signal.SIGINT)
+
+
+def _one_line(error: Exception) -> str:
+    # An error raised in a DataLoader worker is re-raised in the main process with the
+    # worker's traceback in front of the original message, which is the last line.
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__

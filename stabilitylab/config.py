@@ -144,7 +144,7 @@ def _check_positive(name: str, value: float, hint: str) -> None:
     option = f"--{name.replace('_', '-')}"
     _require(
         isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
-        f"{option} {value!r} is invalid: it must be a positive number ({hint})",
+        f"{option} {value!r} is invalid: it must be a positive, finite number ({hint})",
     )
 
 
@@ -193,12 +193,22 @@ def validate(config: RunConfig) -> None:
         f"--crop-min-scale {config.crop_min_scale!r} is invalid: it must be in (0, 1]",
     )
     _require(config.workers >= 0, f"--workers {config.workers!r} is invalid: it must be 0 or more")
+    _require(
+        0 <= config.seed < 2**32,
+        f"--seed {config.seed!r} is invalid: it must be a whole number from 0 to {2**32 - 1}",
+    )
     _validate_geometry(config)
     _validate_device(config)
     if config.dataset == "imagefolder":
         _require(
             bool(config.data_dir),
             "--dataset imagefolder needs --data-dir, a folder with train/ and val/ class folders",
+        )
+    else:
+        _require(
+            config.data_dir is None,
+            f"--data-dir {config.data_dir!r} is only read with --dataset imagefolder; the "
+            f"{config.dataset} dataset ships with stabilitylab, so drop --data-dir",
         )
 
 

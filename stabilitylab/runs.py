@@ -23,13 +23,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from stabilitylab.atomic import atomic_target, write_text_atomic
 from stabilitylab.errors import RunDirError
 
 log = logging.getLogger(__name__)
@@ -76,26 +76,28 @@ _CHUNK_PATTERN = re.compile(r"^part-(\d{6})\.parquet$")
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
-    text = json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def _is_run_dir(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file()
+    """Tell whether ``path`` holds a ``config.json`` written by ``stabilitylab run``."""
+    try:
+        payload = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(payload, dict) and "format_version" in payload and "config" in payload
+
+
+def make_dir(path: Path, option: str) -> None:
+    """Create ``path`` and its parents, turning OS errors into a RunDirError for ``option``."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunDirError(f"{option} {path} cannot be created: {error.strerror or error}") from None
 
 
 def prepare_run_dir(path: Path, overwrite: bool = False) -> Path:
-    """Create ``path`` for a new run, rejecting a folder that already holds files.
+    """Create ``path`` for a new run, rejecting a folder that already contains files.
 
     With ``overwrite`` a previous run directory at ``path`` is emptied first; a non-empty
     folder that is not a run directory is never emptied.
@@ -111,29 +113,47 @@ def prepare_run_dir(path: Path, overwrite: bool = False) -> Path:
             )
         if not _is_run_dir(path):
             raise RunDirError(
-                f"--out {path} contains files but no {CONFIG_FILE}, so it is not a run "
-                "directory; --overwrite only replaces run directories, pass a new folder"
+                f"--out {path} contains files but no {CONFIG_FILE} written by stabilitylab, so "
+                "it is not a run directory; --overwrite only replaces run directories, pass a "
+                "new folder"
             )
         _remove_run_files(path)
-    path.mkdir(parents=True, exist_ok=True)
+    make_dir(path, "--out")
     return path
 
 
+_RUN_FILES = (CONFIG_FILE, STATUS_FILE, FROZEN_CHECK_FILE, CHECKPOINT_FILE)
+# A report written into the run directory (the default for one run) is part of the run.
+_REPORT_DIR = "report"
+_REPORT_SUFFIXES = (".html", ".md", ".json", ".png")
+
+
+def _is_run_entry(entry: Path) -> bool:
+    if entry.name in _RUN_FILES:
+        return entry.is_file()
+    if entry.name in TABLE_COLUMNS:
+        return entry.is_dir() and all(p.is_file() for p in entry.iterdir())
+    if entry.name == _REPORT_DIR and entry.is_dir():
+        return all(p.is_file() and p.suffix in _REPORT_SUFFIXES for p in entry.iterdir())
+    # Temporary files left by a write that a kill interrupted.
+    return entry.name.startswith(".") and entry.name.endswith(".tmp")
+
+
 def _remove_run_files(path: Path) -> None:
-    for table in TABLE_COLUMNS:
-        table_dir = path / table
-        if table_dir.is_dir():
-            for chunk in table_dir.iterdir():
-                chunk.unlink()
-            table_dir.rmdir()
-    for name in (CONFIG_FILE, STATUS_FILE, FROZEN_CHECK_FILE, CHECKPOINT_FILE):
-        (path / name).unlink(missing_ok=True)
-    leftovers = sorted(p.name for p in path.iterdir())
-    if leftovers:
+    """Empty a run directory, after checking that it contains nothing but run files."""
+    foreign = sorted(p.name for p in path.iterdir() if not _is_run_entry(p))
+    if foreign:
         raise RunDirError(
-            f"--out {path} still contains {', '.join(leftovers)} after removing the previous "
-            "run's files; move them away or pass a new folder"
+            f"--out {path} contains {', '.join(foreign)}, which stabilitylab did not write, so "
+            "--overwrite leaves it alone; move those away or pass a new folder"
         )
+    for entry in path.iterdir():
+        if entry.is_dir():
+            for child in entry.iterdir():
+                child.unlink()
+            entry.rmdir()
+        else:
+            entry.unlink()
 
 
 class RunWriter:
@@ -173,16 +193,8 @@ class RunWriter:
             return
         index = self._next_chunk[table]
         final = self.path / table / f"part-{index:06d}.parquet"
-        fd, tmp_name = tempfile.mkstemp(prefix=".part-", suffix=".tmp", dir=final.parent)
-        os.close(fd)
-        try:
-            frame.to_parquet(tmp_name, index=False, engine="pyarrow")
-            with open(tmp_name, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp_name, final)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        with atomic_target(final) as tmp_path:
+            frame.to_parquet(tmp_path, index=False, engine="pyarrow")
         self._next_chunk[table] = index + 1
 
 
@@ -216,6 +228,11 @@ class Run:
 
     @property
     def label(self) -> str:
+        """The run name, followed by its arm unless the name already says it (and only it)."""
+        name = self.name.lower()
+        other = "learned" if self.frozen else "frozen"
+        if self.arm in name and other not in name:
+            return self.name
         return f"{self.name} ({self.arm})"
 
     @property
@@ -233,13 +250,25 @@ class Run:
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise RunDirError(
             f"{path} is not valid JSON ({error}); the {what} file is damaged"
         ) from None
     if not isinstance(payload, dict):
         raise RunDirError(f"{path} does not contain a JSON object; the {what} file is damaged")
     return payload
+
+
+def _read_optional_json(path: Path, what: str, warnings: list[str]) -> dict[str, Any] | None:
+    """Read a JSON file that a killed run may lack; a damaged one is a warning, not an error."""
+    if not path.is_file():
+        return None
+    try:
+        return _read_json(path, what)
+    except RunDirError as error:
+        log.warning("%s", error)
+        warnings.append(str(error))
+        return None
 
 
 def _read_table(run_dir: Path, table: str, warnings: list[str]) -> pd.DataFrame:
@@ -287,11 +316,9 @@ def read_run(path: str | os.PathLike[str]) -> Run:
             f"{config_path} has format_version {version!r}; this stabilitylab reads version "
             f"{FORMAT_VERSION}"
         )
-    status_path = run_dir / STATUS_FILE
-    status = _read_json(status_path, "status") if status_path.is_file() else {"state": "unknown"}
-    frozen_path = run_dir / FROZEN_CHECK_FILE
-    frozen_check = _read_json(frozen_path, "frozen-check") if frozen_path.is_file() else None
     warnings: list[str] = []
+    status = _read_optional_json(run_dir / STATUS_FILE, "status", warnings) or {"state": "unknown"}
+    frozen_check = _read_optional_json(run_dir / FROZEN_CHECK_FILE, "frozen-check", warnings)
     tables = {table: _read_table(run_dir, table, warnings) for table in TABLE_COLUMNS}
     return Run(
         path=run_dir,

@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 from conftest import TINY_RUN_ARGS
 
+from stabilitylab.train.checkpoint import load_checkpoint
+
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
@@ -122,7 +124,9 @@ def test_run_then_report_both_arms(cli_command, tmp_path):
     assert layers.loc[layers["layer"] == "blocks.00", "grad_norm"].gt(0).all()
     assert list(evals["step"]) == [0, 10, 20, 30, 40, 42]
     assert evals["knn_top1"].between(0, 100).all()
-    assert (runs["frozen"] / "checkpoint.pt").is_file()
+    checkpoint = load_checkpoint(runs["frozen"] / "checkpoint.pt")  # weights_only=True
+    assert checkpoint["step"] == 42
+    assert "backbone.patch_embed.proj.weight" in checkpoint["model"]
     status = json.loads((runs["frozen"] / "status.json").read_text())
     assert status["state"] == "finished"
 
@@ -133,7 +137,8 @@ def test_run_then_report_both_arms(cli_command, tmp_path):
     assert result.returncode == 0, result.stderr
     html = (report_dir / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4
-    assert "learned" in html and "frozen" in html
+    assert "learned" in html
+    assert "frozen" in html
     assert (report_dir / "report.md").is_file()
     assert json.loads((report_dir / "events.json").read_text())
     assert len(list(report_dir.glob("*.png"))) >= 4
@@ -180,3 +185,44 @@ def test_python_m_entry_point(cli_command):
     result = run_cli(cli_command, "--version")
     assert result.returncode == 0
     assert "stabilitylab" in result.stdout
+
+
+def test_run_out_below_file_rejected(cli_command, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run_cli(cli_command, "run", "--out", str(blocker / "run"))
+    assert result.returncode == 2
+    assert "cannot be created" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_option_names_subcommand(cli_command, tmp_path):
+    result = run_cli(cli_command, "run", "--out", str(tmp_path / "x"), "--bogus", "1")
+    assert result.returncode == 2
+    assert result.stderr.startswith("stabilitylab run: error: unrecognized arguments: --bogus")
+
+
+@pytest.mark.slow
+def test_sigterm_flushes_and_checkpoints(cli_command, tmp_path):
+    out = tmp_path / "terminated"
+    process = subprocess.Popen(
+        [*cli_command, "run", "--out", str(out), *TINY_RUN_ARGS, "--epochs=40"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not list(out.glob("steps/part-*.parquet")):
+        assert process.poll() is None, "the run ended before it could be terminated"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "interrupted" in stderr
+    assert "Traceback" not in stderr
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "interrupted"
+    steps = pd.read_parquet(out / "steps")
+    assert len(steps) == status["step"]  # every step taken was flushed
+    assert (out / "checkpoint.pt").is_file()

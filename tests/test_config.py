@@ -15,7 +15,8 @@ from stabilitylab.train.schedules import build_lr_schedule, lr_at
 def test_presets_shipped_and_valid():
     assert {"digits", "mocov3-vit-small", "mocov3-vit-base"} <= set(available_presets())
     for name in available_presets():
-        config = build_config(name, data_dir="somewhere")
+        data_dir = "somewhere" if load_preset(name)["dataset"] == "imagefolder" else None
+        config = build_config(name, data_dir=data_dir)
         assert config.preset == name
 
 
@@ -49,6 +50,9 @@ def test_override_beats_preset():
         ({"crop_min_scale": 0.0}, "--crop-min-scale 0.0 is invalid"),
         ({"device": "gpu"}, "--device 'gpu' is invalid"),
         ({"dataset": "imagefolder"}, "needs --data-dir"),
+        ({"data_dir": "/data"}, "--data-dir '/data' is only read with --dataset imagefolder"),
+        ({"seed": 2**40}, "--seed 1099511627776 is invalid"),
+        ({"lr": math.inf}, "--lr inf is invalid: it must be a positive, finite number"),
         ({"model": "vit_huge"}, "--model 'vit_huge' is not one of"),
         ({"no_such_key": 1}, "unknown configuration keys ['no_such_key']"),
     ],

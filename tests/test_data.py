@@ -18,7 +18,8 @@ def test_digits_split_fixed_and_stratified():
     train_x, val_x, train_y, val_y = digits_split()
     assert (len(train_y), len(val_y)) == (1347, 450)
     assert train_x.shape[1:] == (8, 8)
-    assert 0.0 <= train_x.min() and train_x.max() <= 1.0
+    assert train_x.min() >= 0.0
+    assert train_x.max() <= 1.0
     train_share = np.bincount(train_y) / len(train_y)
     val_share = np.bincount(val_y) / len(val_y)
     assert np.abs(train_share - val_share).max() < 0.01
@@ -42,12 +43,14 @@ def test_batch_views_differ_per_image_and_view():
     images = torch.rand(1, 1, 16, 16).repeat(64, 1, 1, 1)  # one image, 64 times
     view1, view2 = views(images)
     assert view1.shape == view2.shape == (64, 1, 16, 16)
-    assert torch.isfinite(view1).all() and torch.isfinite(view2).all()
+    assert torch.isfinite(view1).all()
+    assert torch.isfinite(view2).all()
     # Each copy gets its own crop and jitter, and the two views differ.
     assert (view1[0] - view1[1]).abs().max() > 1e-3
     assert (view1 - view2).abs().mean() > 1e-3
     # Values stay in [0, 1] before normalisation.
-    assert view1.min() >= 0 and view1.max() <= 1
+    assert view1.min() >= 0
+    assert view1.max() <= 1
 
 
 def _write_folder(root, classes=("cat", "dog"), per_class=6, size=40):
@@ -64,7 +67,12 @@ def _write_folder(root, classes=("cat", "dog"), per_class=6, size=40):
 def test_imagefolder_bundle(tmp_path):
     _write_folder(tmp_path)
     config = build_config(
-        "digits", dataset="imagefolder", data_dir=str(tmp_path), model="vit_tiny", img_size=32, patch_size=16
+        "digits",
+        dataset="imagefolder",
+        data_dir=str(tmp_path),
+        model="vit_tiny",
+        img_size=32,
+        patch_size=16,
     )
     data = build_data(config)
     (view1, view2), label = data.train[0]
@@ -95,3 +103,29 @@ def test_imagefolder_missing_dir(tmp_path):
     config = build_config("digits", dataset="imagefolder", data_dir=str(tmp_path / "nowhere"))
     with pytest.raises(DataError, match="does not exist"):
         build_data(config)
+
+
+def test_imagefolder_corrupt_image_named(tmp_path):
+    _write_folder(tmp_path)
+    broken = tmp_path / "val" / "cat" / "broken.png"
+    broken.write_bytes(b"not a png")
+    config = build_config("digits", dataset="imagefolder", data_dir=str(tmp_path))
+    data = build_data(config)
+    index = [path for path, _ in data.knn_query.samples].index(str(broken))
+    with pytest.raises(DataError, match="broken.png cannot be read"):
+        data.knn_query[index]
+
+
+def test_imagefolder_single_class_rejected(tmp_path):
+    _write_folder(tmp_path, classes=("only",))
+    config = build_config("digits", dataset="imagefolder", data_dir=str(tmp_path))
+    with pytest.raises(DataError, match="at least 2 classes"):
+        build_data(config)
+
+
+def test_knn_limits_apply_to_digits(tiny_config):
+    data = build_data(tiny_config(knn_max_bank=100, knn_max_query=30))
+    assert len(data.knn_bank) == 100
+    assert len(data.knn_query) == 30
+    again = build_data(tiny_config(knn_max_bank=100, knn_max_query=30))
+    assert data.knn_bank.indices == again.knn_bank.indices

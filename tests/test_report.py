@@ -212,7 +212,7 @@ def test_report_events_json_has_planted_events(pair_report):
     assert events["detector_params"]["dips"]["z"] == 3.0
     learned, frozen = events["runs"]
     assert learned["run_name"] == "learned_s0"
-    assert learned["label"] == "learned_s0 (learned)"
+    assert learned["label"] == "learned_s0"
     assert learned["first_layer"] == "grad_norm[patch_embed]"
     assert frozen["first_layer"] == "token_grad_norm"
     assert learned["last_layer"] == "grad_norm[blocks.02]"
@@ -240,7 +240,7 @@ def test_report_markdown_summary_rows(pair_report):
         assert f"]({name})" in markdown
     learned, frozen = markdown_table(markdown, "Runs at a glance")
     assert learned[:7] == [
-        r"learned\_s0 (learned)",
+        r"learned\_s0",
         "learned",
         "finished",
         "600 of 600",
@@ -261,8 +261,8 @@ def test_report_seed_comparison_frozen_minus_learned(pair_report):
     row, mean = markdown_table(markdown, caption)
     assert row[:6] == [
         "0",
-        r"learned\_s0 (learned)",
-        r"frozen\_s0 (frozen)",
+        r"learned\_s0",
+        r"frozen\_s0",
         "58.00",
         "61.00",
         "+3.00",
@@ -275,7 +275,7 @@ def test_report_seed_comparison_frozen_minus_learned(pair_report):
 def test_report_html_lists_events(pair_report):
     html = (pair_report / "report.html").read_text(encoding="utf-8")
     assert "<td>grad_norm[blocks.02]</td><td>303</td>" in html
-    assert "Events: frozen_s0 (frozen)" in html
+    assert "Events: frozen_s0" in html
 
 
 def test_report_seed_mean_over_two_seeds(tmp_path):
@@ -418,6 +418,28 @@ def test_report_out_dir_is_file_raises(pair, tmp_path):
     target.write_text("not a folder", encoding="utf-8")
     with pytest.raises(RunDirError, match="is a file"):
         write_report(pair, target)
+
+
+def test_report_out_dir_with_user_files_raises(pair, tmp_path):
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "report.md").write_text("my notes", encoding="utf-8")
+    with pytest.raises(RunDirError, match="not a stabilitylab report"):
+        write_report(pair, target)
+    assert (target / "report.md").read_text(encoding="utf-8") == "my notes"
+
+
+def test_report_out_dir_is_run_dir_raises(pair):
+    with pytest.raises(RunDirError, match="is a run directory"):
+        write_report(pair, pair[0])
+
+
+def test_report_replaces_earlier_report(pair, tmp_path):
+    target = write_report(pair, tmp_path / "report")
+    first = (target / "events.json").read_text(encoding="utf-8")
+    again = write_report(pair, target)
+    assert again == target
+    assert (target / "events.json").read_text(encoding="utf-8") == first
 
 
 def test_report_failure_leaves_no_files(pair, tmp_path, monkeypatch):

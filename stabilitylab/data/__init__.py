@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from stabilitylab.config import RunConfig
 
@@ -24,6 +24,15 @@ class DataBundle:
     # Makes the two views from a whole batch on the training device, when the dataset
     # yields clean images instead of view pairs.
     batch_views: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+def limit_dataset(dataset: Dataset, limit: int, seed: int) -> Dataset:
+    """Return ``dataset`` or, when it is larger than ``limit``, a fixed random subset of it."""
+    if len(dataset) <= limit:
+        return dataset
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.randperm(len(dataset), generator=generator)[:limit].sort().values
+    return Subset(dataset, indices.tolist())
 
 
 def build_data(config: RunConfig) -> DataBundle:

@@ -129,7 +129,7 @@ class DigitsBatchTwoView:
 
 
 def imagenet_two_view(img_size: int, crop_min_scale: float) -> TwoViews:
-    """The recipe's views of RGB PIL images, as tensors normalised with ImageNet statistics."""
+    """Build the recipe's views of RGB PIL images as tensors with ImageNet normalisation."""
     # 23 px at 224 px, as in BYOL; kept odd for other sizes.
     kernel = max(3, int(img_size * 0.1) // 2 * 2 + 1)
 

@@ -16,7 +16,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 
 from stabilitylab.config import RunConfig
-from stabilitylab.data import DataBundle
+from stabilitylab.data import DataBundle, limit_dataset
 from stabilitylab.data.augment import DigitsBatchTwoView
 
 VAL_FRACTION = 0.25
@@ -85,8 +85,12 @@ def build_digits(config: RunConfig) -> DataBundle:
     return DataBundle(
         train=TensorImages(train_images, train_labels),
         batch_views=DigitsBatchTwoView(size, config.crop_min_scale, mean, std),
-        knn_bank=TensorImages(normalise(train_images), train_labels),
-        knn_query=TensorImages(normalise(val_images), val_labels),
+        knn_bank=limit_dataset(
+            TensorImages(normalise(train_images), train_labels), config.knn_max_bank, config.seed
+        ),
+        knn_query=limit_dataset(
+            TensorImages(normalise(val_images), val_labels), config.knn_max_query, config.seed + 1
+        ),
         num_classes=10,
         in_chans=1,
         description=(

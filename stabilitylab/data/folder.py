@@ -9,14 +9,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from torch.utils.data import Subset
+from PIL import Image, UnidentifiedImageError
 from torchvision.datasets import ImageFolder
 
 from stabilitylab.config import RunConfig
-from stabilitylab.data import DataBundle
+from stabilitylab.data import DataBundle, limit_dataset
 from stabilitylab.data.augment import imagenet_eval, imagenet_two_view
 from stabilitylab.errors import DataError
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image file as RGB, raising DataError that names a file PIL cannot read."""
+    try:
+        with open(path, "rb") as handle:
+            image = Image.open(handle)
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise DataError(
+            f"image file {path} cannot be read ({error}); remove or replace it"
+        ) from None
 
 
 def _image_folder(root: Path, transform) -> ImageFolder:
@@ -25,18 +36,10 @@ def _image_folder(root: Path, transform) -> ImageFolder:
             f"image folder {root} does not exist; --data-dir needs train/ and val/ inside"
         )
     try:
-        return ImageFolder(str(root), transform=transform)
+        return ImageFolder(str(root), transform=transform, loader=load_rgb)
     except FileNotFoundError as error:
         # torchvision raises this for a folder without class sub-folders or without images.
         raise DataError(f"{root}: {error}") from None
-
-
-def _subset(dataset: ImageFolder, limit: int, seed: int) -> ImageFolder | Subset:
-    if len(dataset) <= limit:
-        return dataset
-    generator = torch.Generator().manual_seed(seed)
-    indices = torch.randperm(len(dataset), generator=generator)[:limit].sort().values
-    return Subset(dataset, indices.tolist())
 
 
 def build_imagefolder(config: RunConfig) -> DataBundle:
@@ -47,6 +50,11 @@ def build_imagefolder(config: RunConfig) -> DataBundle:
     train = _image_folder(root / "train", imagenet_two_view(size, config.crop_min_scale))
     bank = _image_folder(root / "train", imagenet_eval(size))
     query = _image_folder(root / "val", imagenet_eval(size))
+    if len(train.classes) < 2:
+        raise DataError(
+            f"{root / 'train'} has {len(train.classes)} class folder; the kNN monitor needs at "
+            "least 2 classes to measure anything"
+        )
     if query.classes != train.classes:
         raise DataError(
             f"{root / 'val'} has classes {query.classes[:5]}... that differ from "
@@ -54,8 +62,8 @@ def build_imagefolder(config: RunConfig) -> DataBundle:
         )
     return DataBundle(
         train=train,
-        knn_bank=_subset(bank, config.knn_max_bank, config.seed),
-        knn_query=_subset(query, config.knn_max_query, config.seed + 1),
+        knn_bank=limit_dataset(bank, config.knn_max_bank, config.seed),
+        knn_query=limit_dataset(query, config.knn_max_query, config.seed + 1),
         num_classes=len(train.classes),
         in_chans=3,
         description=(

@@ -1,7 +1,7 @@
 """MoCo v3 for ViT (Chen, Xie and He, 2021), following the public moco-v3 code.
 
 The online encoder is the backbone plus a 3-layer projector, followed by a 2-layer
-predictor; the momentum encoder is an EMA of backbone and projector (not the predictor).
+predictor. The momentum encoder is an EMA of backbone and projector, not of the predictor.
 Each view goes through the encoders separately, so BatchNorm statistics are per view. The
 loss is the InfoNCE of L2-normalised queries against the keys of the whole global batch,
 scaled by 2 tau and symmetrised over the two views, so its chance level is about
@@ -54,7 +54,7 @@ class MoCoV3(nn.Module):
             parameter.requires_grad_(False)
 
     def online_modules(self) -> dict[str, nn.Module]:
-        """The trained modules by layer-group prefix, for the monitor and the optimiser."""
+        """Return the trained modules by layer-group prefix, for the monitor and the optimiser."""
         return {"backbone": self.backbone, "projector": self.projector, "predictor": self.predictor}
 
     def _momentum_parameters(self) -> list[nn.Parameter]:

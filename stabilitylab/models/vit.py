@@ -76,7 +76,7 @@ def build_backbone(
 
 
 def patch_embed_parameters(backbone: VisionTransformer) -> list[tuple[str, nn.Parameter]]:
-    """The patch projection's weight and bias, with names relative to the backbone."""
+    """Return the patch projection's weight and bias, with names relative to the backbone."""
     return [(f"patch_embed.{name}", p) for name, p in backbone.patch_embed.named_parameters()]
 
 

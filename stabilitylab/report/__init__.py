@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from stabilitylab.atomic import write_bytes_atomic, write_text_atomic
 from stabilitylab.detect import DetectorParams, RunEvents, detect_run
 from stabilitylab.errors import RunDirError
 from stabilitylab.report.content import ReportContent
@@ -27,9 +28,8 @@ from stabilitylab.report.document import build_report_content
 from stabilitylab.report.figures import render_figures
 from stabilitylab.report.html import render_html
 from stabilitylab.report.markdown import render_markdown
-from stabilitylab.report.output import write_bytes_atomic, write_text_atomic
 from stabilitylab.report.summary import run_labels
-from stabilitylab.runs import read_run
+from stabilitylab.runs import CONFIG_FILE, make_dir, read_run
 
 __all__ = ["EVENTS_FILE", "HTML_FILE", "MARKDOWN_FILE", "REPORT_DIR_NAME", "write_report"]
 
@@ -116,15 +116,39 @@ def events_payload(
 
 
 def check_report_dir(target: Path) -> None:
-    """Raise RunDirError when ``target`` exists and is not a folder."""
+    """Raise RunDirError unless ``target`` is new, empty or an earlier stabilitylab report.
+
+    An earlier report is replaced file by file; any other folder with files in it, a run
+    directory included, is left alone so that no user file is overwritten.
+    """
     if target.exists() and not target.is_dir():
         raise RunDirError(f"report folder {target} is a file. Pass a folder name for the report")
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    if (target / CONFIG_FILE).exists():
+        raise RunDirError(
+            f"report folder {target} is a run directory. Pass another --out, such as "
+            f"{target / REPORT_DIR_NAME}"
+        )
+    if not _is_report_dir(target):
+        raise RunDirError(
+            f"report folder {target} already contains files that are not a stabilitylab report. "
+            "Pass a new or empty folder"
+        )
+
+
+def _is_report_dir(target: Path) -> bool:
+    try:
+        payload = json.loads((target / EVENTS_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(payload, dict) and "detector_params" in payload and "runs" in payload
 
 
 def write_report_files(target: Path, content: ReportContent, payload: dict[str, Any]) -> None:
     """Write the figures, ``events.json``, ``report.md`` and ``report.html`` into ``target``."""
     check_report_dir(target)
-    target.mkdir(parents=True, exist_ok=True)
+    make_dir(target, "report folder")
     # allow_nan=False keeps the file strict JSON. Events contain no NaN by construction, so
     # a ValueError here is a bug in a detector.
     events_text = json.dumps(payload, indent=2, allow_nan=False) + "\n"

@@ -103,10 +103,11 @@ def plot_knn_top1(
             ax.set_xlabel("step")
             ax.set_ylabel("kNN top-1 (%)")
             handles = ax.get_legend_handles_labels()[0]
-            handles += [
-                Patch(color="grey", alpha=0.2, label="dip"),
-                Line2D([], [], marker="v", linestyle="none", color="grey", label="dip bottom"),
-            ]
+            if any(run_events.dips for run_events in events):
+                handles += [
+                    Patch(color="grey", alpha=0.2, label="dip"),
+                    Line2D([], [], marker="v", linestyle="none", color="grey", label="dip bottom"),
+                ]
             ax.legend(handles=handles, **LEGEND_OUTSIDE)
         else:
             _mark_empty(ax, "No kNN evaluations recorded")

@@ -355,6 +355,7 @@ def run_training(
         trainer.save()
     except KeyboardInterrupt:
         trainer.flush()
+        trainer.save()
         trainer.writer.write_status(
             "interrupted", step=trainer.step, total_steps=derived.total_steps
         )

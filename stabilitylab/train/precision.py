@@ -27,12 +27,12 @@ def autocast_factory(
 
 
 def build_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
-    """A gradient scaler that is active only for fp16, where small gradients underflow."""
+    """Build a gradient scaler that is active only for fp16, where small gradients underflow."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def scale_tensor(scaler: torch.amp.GradScaler, device: torch.device) -> torch.Tensor | None:
-    """The current loss scale as a device tensor (no host sync), or None when not scaling."""
+    """Return the loss scale as a device tensor (no host sync), or None when not scaling."""
     if not scaler.is_enabled():
         return None
     # NOTE: _get_scale_async is private in torch 2.x; get_scale() would sync every step.

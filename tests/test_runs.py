@@ -1,0 +1,113 @@
+"""The run-directory writer and reader: atomic chunks, refusal to mix runs, damaged files."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from stabilitylab.errors import RunDirError
+from stabilitylab.runs import TABLE_COLUMNS, RunWriter, prepare_run_dir, read_run
+
+
+def _steps_frame(steps):
+    return pd.DataFrame(
+        {name: [float(s) for s in steps] for name in TABLE_COLUMNS["steps"]}
+    ).astype({"step": "int64"})
+
+
+def _write_run(path, chunks=2):
+    prepare_run_dir(path)
+    writer = RunWriter(path)
+    writer.write_config({"freeze_patch_embed": False}, {"layers": []}, {})
+    writer.write_status("running", step=0)
+    for index in range(chunks):
+        writer.append("steps", _steps_frame(range(index * 5, index * 5 + 5)))
+    return writer
+
+
+def test_chunks_read_back_in_order(tmp_path):
+    _write_run(tmp_path / "run", chunks=3)
+    run = read_run(tmp_path / "run")
+    assert list(run.steps["step"]) == list(range(15))
+    assert run.layers.empty
+    assert run.status["state"] == "running"
+    assert run.arm == "learned"
+
+
+def test_append_rejects_wrong_columns(tmp_path):
+    writer = _write_run(tmp_path / "run")
+    with pytest.raises(ValueError, match="columns"):
+        writer.append("steps", pd.DataFrame({"step": [1]}))
+
+
+def test_damaged_chunk_skipped_with_warning(tmp_path):
+    _write_run(tmp_path / "run", chunks=2)
+    (tmp_path / "run" / "steps" / "part-000001.parquet").write_bytes(b"PAR1 not really")
+    run = read_run(tmp_path / "run")
+    assert list(run.steps["step"]) == list(range(5))
+    assert len(run.warnings) == 1
+    assert "part-000001.parquet" in run.warnings[0]
+
+
+def test_damaged_config_named(tmp_path):
+    _write_run(tmp_path / "run")
+    (tmp_path / "run" / "config.json").write_text('{"format_version": 1, "con')
+    with pytest.raises(RunDirError, match="config.json is not valid JSON"):
+        read_run(tmp_path / "run")
+
+
+def test_existing_run_needs_overwrite(tmp_path):
+    _write_run(tmp_path / "run")
+    with pytest.raises(RunDirError, match="already contains files"):
+        prepare_run_dir(tmp_path / "run")
+    prepare_run_dir(tmp_path / "run", overwrite=True)
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_overwrite_keeps_foreign_files(tmp_path):
+    _write_run(tmp_path / "run")
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="notes.txt"):
+        prepare_run_dir(tmp_path / "run", overwrite=True)
+    # Nothing was removed before the refusal.
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["format_version"] == 1
+    assert len(list((tmp_path / "run" / "steps").iterdir())) == 2
+
+
+def test_overwrite_removes_report_inside_run(tmp_path):
+    _write_run(tmp_path / "run")
+    report = tmp_path / "run" / "report"
+    report.mkdir()
+    (report / "report.html").write_text("<html></html>")
+    (report / "knn_top1.png").write_bytes(b"png")
+    prepare_run_dir(tmp_path / "run", overwrite=True)
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_out_that_is_a_file_rejected(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(RunDirError, match="is a file"):
+        prepare_run_dir(target, overwrite=True)
+    assert target.read_text() == "x"
+
+
+def test_foreign_config_json_not_a_run(tmp_path):
+    folder = tmp_path / "webapp"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"name": "my webapp"}')
+    with pytest.raises(RunDirError, match="not a run directory"):
+        prepare_run_dir(folder, overwrite=True)
+    assert (folder / "config.json").read_text() == '{"name": "my webapp"}'
+
+
+def test_damaged_status_is_a_warning(tmp_path):
+    _write_run(tmp_path / "run")
+    (tmp_path / "run" / "status.json").write_bytes(b"\xff\xfe garbage")
+    run = read_run(tmp_path / "run")
+    assert run.status == {"state": "unknown"}
+    assert any("status.json" in warning for warning in run.warnings)
+    assert len(run.steps) == 10
