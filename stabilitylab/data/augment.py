@@ -46,8 +46,8 @@ class DigitsBatchTwoView:
     """The digits views, drawn independently per image but computed for a whole batch at once.
 
     Per-image torchvision transforms cost about 0.2 s per 256-image batch of 16 px images on a
-    2-core CPU, as much as the training step itself, so the same operations run here as
-    batched tensor ops on the training device. Each image gets its own crop, jitter, blur and
+    2-core CPU, about half a training step (benchmarks/augment_views.py), so the same
+    operations run here as batched tensor ops on the training device. Each image gets its own crop, jitter, blur and
     solarization draws from the global torch RNG. Differences from torchvision's versions:
     the crop box is clamped to the image instead of re-drawn, and brightness is always applied
     before contrast.
