@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 from collections.abc import Sequence
@@ -30,6 +31,17 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def finite_float(text: str) -> float:
+    """Parse a float option, rejecting values such as 1e400 that overflow to infinity."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 @dataclass(frozen=True)
@@ -87,26 +99,28 @@ RUN_OPTIONS = (
         "lr",
         "base learning rate per 256 images; the peak lr is lr x batch / 256. The "
         "recipe uses 1.5e-4 and sees dips at 1.5e-4 with batch 4096",
-        type=float,
+        type=finite_float,
         metavar="LR",
     ),
-    Option("weight_decay", "AdamW decoupled weight decay coefficient", type=float, metavar="WD"),
+    Option(
+        "weight_decay", "AdamW decoupled weight decay coefficient", type=finite_float, metavar="WD"
+    ),
     Option(
         "warmup_epochs",
         "epochs of linear lr warmup from 0 before the cosine decay to 0 (fractions allowed)",
-        type=float,
+        type=finite_float,
         metavar="E",
     ),
     Option(
         "momentum",
         "momentum-encoder EMA coefficient at step 0; it rises to 1 along a cosine",
-        type=float,
+        type=finite_float,
         metavar="M",
     ),
     Option(
         "temperature",
         "contrastive softmax temperature tau; the loss is scaled by 2 tau",
-        type=float,
+        type=finite_float,
         metavar="TAU",
     ),
     Option(
@@ -116,7 +130,7 @@ RUN_OPTIONS = (
     Option(
         "crop_min_scale",
         "smallest random-resized-crop area as a fraction of the image",
-        type=float,
+        type=finite_float,
         metavar="S",
     ),
     Option(
@@ -137,7 +151,7 @@ RUN_OPTIONS = (
     Option(
         "knn_temperature",
         "temperature of the kNN vote weights exp(sim / T)",
-        type=float,
+        type=finite_float,
         metavar="T",
     ),
     Option(

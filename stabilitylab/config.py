@@ -192,6 +192,12 @@ def validate(config: RunConfig) -> None:
         0 < config.crop_min_scale <= 1,
         f"--crop-min-scale {config.crop_min_scale!r} is invalid: it must be in (0, 1]",
     )
+    # BatchNorm in the heads needs two samples per view to compute batch statistics.
+    _require(
+        config.batch_size >= 2,
+        f"--batch-size {config.batch_size} is invalid: the BatchNorm layers of the heads need at "
+        "least 2 images per step",
+    )
     _require(config.workers >= 0, f"--workers {config.workers!r} is invalid: it must be 0 or more")
     _require(
         0 <= config.seed < 2**32,

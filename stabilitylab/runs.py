@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,12 +52,12 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         "grad_norm",  # L2 norm of all trainable gradients, after unscaling
         "token_grad_norm",  # L2 norm of d loss / d tokens entering blocks.00
         "loss_scale",  # fp16 gradient-scaler scale, 1.0 otherwise
-        "samples_per_s",  # training images per second over the step, both views counted once
+        "samples_per_s",  # training images per second, averaged over the flushed chunk
         "wall_time",  # seconds since the start of training
     ),
     "layers": (
         "step",
-        "layer",  # layer-group name, see stabilitylab.models.layer_groups
+        "layer",  # layer-group name, see stabilitylab.models.layers
         "grad_norm",  # NaN where the group has no gradient (frozen)
         "weight_norm",
         "update_ratio",  # ||w_after - w_before|| / ||w_before||, NaN where frozen
@@ -80,7 +81,7 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 
 def _is_run_dir(path: Path) -> bool:
-    """Tell whether ``path`` holds a ``config.json`` written by ``stabilitylab run``."""
+    """Tell whether ``path`` contains a ``config.json`` written by ``stabilitylab run``."""
     try:
         payload = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -125,27 +126,67 @@ def prepare_run_dir(path: Path, overwrite: bool = False) -> Path:
 _RUN_FILES = (CONFIG_FILE, STATUS_FILE, FROZEN_CHECK_FILE, CHECKPOINT_FILE)
 # A report written into the run directory (the default for one run) is part of the run.
 _REPORT_DIR = "report"
-_REPORT_SUFFIXES = (".html", ".md", ".json", ".png")
+REPORT_FILES = ("report.html", "report.md", "events.json")
 
 
-def _is_run_entry(entry: Path) -> bool:
-    if entry.name in _RUN_FILES:
-        return entry.is_file()
-    if entry.name in TABLE_COLUMNS:
-        return entry.is_dir() and all(p.is_file() for p in entry.iterdir())
-    if entry.name == _REPORT_DIR and entry.is_dir():
-        return all(p.is_file() and p.suffix in _REPORT_SUFFIXES for p in entry.iterdir())
-    # Temporary files left by a write that a kill interrupted.
+def is_report_dir(path: Path) -> bool:
+    """Tell whether ``path`` contains an ``events.json`` written by ``stabilitylab report``."""
+    try:
+        payload = json.loads((path / "events.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(payload, dict) and "detector_params" in payload and "runs" in payload
+
+
+def _is_temporary(entry: Path) -> bool:
+    # Left by an atomic write that a kill interrupted.
     return entry.name.startswith(".") and entry.name.endswith(".tmp")
+
+
+def _is_chunk(entry: Path) -> bool:
+    return bool(_CHUNK_PATTERN.match(entry.name)) or _is_temporary(entry)
+
+
+def _is_report_file(entry: Path) -> bool:
+    return entry.name in REPORT_FILES or entry.suffix == ".png" or _is_temporary(entry)
+
+
+def _foreign_children(folder: Path, allowed: Callable[[Path], bool]) -> list[str]:
+    return [
+        f"{folder.name}/{child.name}"
+        for child in sorted(folder.iterdir())
+        if child.is_symlink() or not child.is_file() or not allowed(child)
+    ]
+
+
+def _foreign_entries(path: Path) -> list[str]:
+    """List what in a run directory stabilitylab did not write, relative to ``path``.
+
+    Symbolic links always count as foreign, so that emptying the folder never follows one.
+    """
+    foreign = []
+    for entry in sorted(path.iterdir()):
+        if entry.is_symlink():
+            foreign.append(entry.name)
+        elif entry.is_file():
+            if entry.name not in _RUN_FILES and not _is_temporary(entry):
+                foreign.append(entry.name)
+        elif entry.name in TABLE_COLUMNS:
+            foreign += _foreign_children(entry, _is_chunk)
+        elif entry.name == _REPORT_DIR and is_report_dir(entry):
+            foreign += _foreign_children(entry, _is_report_file)
+        else:
+            foreign.append(entry.name)
+    return foreign
 
 
 def _remove_run_files(path: Path) -> None:
     """Empty a run directory, after checking that it contains nothing but run files."""
-    foreign = sorted(p.name for p in path.iterdir() if not _is_run_entry(p))
+    foreign = _foreign_entries(path)
     if foreign:
         raise RunDirError(
             f"--out {path} contains {', '.join(foreign)}, which stabilitylab did not write, so "
-            "--overwrite leaves it alone; move those away or pass a new folder"
+            "--overwrite leaves the folder alone; move those away or pass a new folder"
         )
     for entry in path.iterdir():
         if entry.is_dir():
@@ -318,6 +359,13 @@ def read_run(path: str | os.PathLike[str]) -> Run:
         )
     warnings: list[str] = []
     status = _read_optional_json(run_dir / STATUS_FILE, "status", warnings) or {"state": "unknown"}
+    if not isinstance(status.get("state"), str):
+        message = (
+            f"{run_dir / STATUS_FILE} has no text state ({status.get('state')!r}); it is damaged"
+        )
+        log.warning("%s", message)
+        warnings.append(message)
+        status = {"state": "unknown"}
     frozen_check = _read_optional_json(run_dir / FROZEN_CHECK_FILE, "frozen-check", warnings)
     tables = {table: _read_table(run_dir, table, warnings) for table in TABLE_COLUMNS}
     return Run(

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import TINY_RUN_ARGS
@@ -226,3 +227,23 @@ def test_sigterm_flushes_and_checkpoints(cli_command, tmp_path):
     steps = pd.read_parquet(out / "steps")
     assert len(steps) == status["step"]  # every step taken was flushed
     assert (out / "checkpoint.pt").is_file()
+
+
+@pytest.mark.slow
+def test_diverged_run_stops_and_reports(cli_command, tmp_path):
+    out = tmp_path / "diverged"
+    result = run_cli(cli_command, "run", "--out", str(out), *TINY_RUN_ARGS, "--lr=1e6")
+    assert result.returncode == 1
+    assert "the loss became non-finite at step" in result.stderr
+    assert "Traceback" not in result.stderr
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed"
+    steps = pd.read_parquet(out / "steps")
+    assert steps["step"].iloc[-1] == status["step"]
+    assert steps["loss"].iloc[:-1].notna().all()
+    assert not np.isfinite(steps["loss"].iloc[-1])  # the failing step itself is kept
+    evals = pd.read_parquet(out / "evals")
+    assert (evals["step"] <= status["step"]).all()  # no evaluation of the broken model
+    report = run_cli(cli_command, "report", str(out), "--out", str(tmp_path / "report"))
+    assert report.returncode == 0, report.stderr
+    assert "failed: non-finite loss" in (tmp_path / "report" / "report.md").read_text()

@@ -16,7 +16,8 @@ from stabilitylab.report import figures as report_figures
 from stabilitylab.report import write_report
 from stabilitylab.report.figures import max_pool_steps
 from stabilitylab.report.markdown import escape_markdown
-from stabilitylab.runs import TABLE_COLUMNS, RunWriter
+from stabilitylab.report.summary import status_text
+from stabilitylab.runs import TABLE_COLUMNS, RunWriter, read_run
 
 LAYERS = ["patch_embed", "cls_token", "blocks.00", "blocks.01", "blocks.02", "norm", "projector"]
 STEPS = 600
@@ -490,3 +491,24 @@ def test_escape_markdown_punctuation():
     assert escape_markdown("a|b_c*d") == r"a\|b\_c\*d"
     assert escape_markdown("<b>&") == "&lt;b&gt;&amp;"
     assert escape_markdown("one\ntwo") == "one two"
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        ("finished", "finished"),
+        ("running", "incomplete (running or killed)"),
+        ("interrupted", "interrupted (Ctrl-C or SIGTERM)"),
+    ],
+)
+def test_status_text_per_state(tmp_path, state, expected):
+    run = read_run(make_run(tmp_path / "run", frozen=False, state=state))
+    assert status_text(run) == expected
+
+
+def test_seed_pairing_needs_same_recipe(tmp_path):
+    learned = make_run(tmp_path / "a", frozen=False, model="vit_tiny")
+    frozen = make_run(tmp_path / "b", frozen=True, model="vit_small")
+    markdown = (write_report([learned, frozen], tmp_path / "out") / "report.md").read_text()
+    assert "Not paired: seed 0, whose learned and frozen runs also differ in model" in markdown
+    assert "mean over seeds" not in markdown

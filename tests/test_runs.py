@@ -83,8 +83,52 @@ def test_overwrite_removes_report_inside_run(tmp_path):
     report.mkdir()
     (report / "report.html").write_text("<html></html>")
     (report / "knn_top1.png").write_bytes(b"png")
+    (report / "events.json").write_text('{"detector_params": {}, "runs": []}')
     prepare_run_dir(tmp_path / "run", overwrite=True)
     assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_overwrite_keeps_user_file_in_table(tmp_path):
+    _write_run(tmp_path / "run")
+    (tmp_path / "run" / "steps" / "mynotes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="steps/mynotes.txt"):
+        prepare_run_dir(tmp_path / "run", overwrite=True)
+    assert (tmp_path / "run" / "steps" / "mynotes.txt").read_text() == "mine"
+    assert len(list((tmp_path / "run" / "steps").glob("part-*.parquet"))) == 2
+
+
+def test_overwrite_never_follows_symlink(tmp_path):
+    _write_run(tmp_path / "run")
+    precious = tmp_path / "userdata"
+    precious.mkdir()
+    (precious / "p.txt").write_text("precious")
+    (tmp_path / "run" / "evals").rmdir()
+    (tmp_path / "run" / "evals").symlink_to(precious)
+    with pytest.raises(RunDirError, match="contains evals, which stabilitylab did not write"):
+        prepare_run_dir(tmp_path / "run", overwrite=True)
+    assert (precious / "p.txt").read_text() == "precious"
+    assert (tmp_path / "run" / "config.json").is_file()
+
+
+def test_overwrite_keeps_user_file_in_report(tmp_path):
+    _write_run(tmp_path / "run")
+    report = tmp_path / "run" / "report"
+    report.mkdir()
+    (report / "events.json").write_text('{"detector_params": {}, "runs": []}')
+    (report / "my-notes.md").write_text("# notes")
+    with pytest.raises(RunDirError, match="report/my-notes.md"):
+        prepare_run_dir(tmp_path / "run", overwrite=True)
+    assert (report / "my-notes.md").read_text() == "# notes"
+
+
+def test_overwrite_keeps_folder_named_report(tmp_path):
+    _write_run(tmp_path / "run")
+    report = tmp_path / "run" / "report"
+    report.mkdir()
+    (report / "summary.md").write_text("mine, no events.json")
+    with pytest.raises(RunDirError, match="contains report, which"):
+        prepare_run_dir(tmp_path / "run", overwrite=True)
+    assert (report / "summary.md").is_file()
 
 
 def test_out_that_is_a_file_rejected(tmp_path):

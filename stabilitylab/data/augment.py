@@ -47,10 +47,10 @@ class DigitsBatchTwoView:
 
     Per-image torchvision transforms cost about 0.2 s per 256-image batch of 16 px images on a
     2-core CPU, about half a training step (benchmarks/augment_views.py), so the same
-    operations run here as batched tensor ops on the training device. Each image gets its own crop, jitter, blur and
-    solarization draws from the global torch RNG. Differences from torchvision's versions:
-    the crop box is clamped to the image instead of re-drawn, and brightness is always applied
-    before contrast.
+    operations run here as batched tensor ops on the training device. Each image gets its
+    own crop, jitter, blur and solarization draws from the global torch RNG. Two differences
+    from torchvision's versions: the crop box is clamped to the image instead of re-drawn,
+    and brightness is always applied before contrast.
     """
 
     def __init__(self, img_size: int, crop_min_scale: float, mean: float, std: float) -> None:

@@ -24,10 +24,11 @@ def load_rgb(path: str) -> Image.Image:
         with open(path, "rb") as handle:
             image = Image.open(handle)
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise DataError(
-            f"image file {path} cannot be read ({error}); remove or replace it"
-        ) from None
+    except UnidentifiedImageError:
+        reason = "not in an image format PIL can read"
+    except OSError as error:
+        reason = error.strerror or str(error)  # such as "image file is truncated"
+    raise DataError(f"image file {path} cannot be read ({reason}); remove or replace it")
 
 
 def _image_folder(root: Path, transform) -> ImageFolder:

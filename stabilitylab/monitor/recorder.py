@@ -65,11 +65,14 @@ class MetricsRecorder:
         throughput = self.samples_per_step * len(hosts) / elapsed if elapsed > 0 else math.nan
         steps = self._steps_frame(hosts, drained.steps.numpy(), throughput)
         layers = self._layers_frame(hosts, drained.layers.numpy())
+        bad = _first_nonfinite(hosts, steps)
+        if bad is not None:
+            # Steps after the first non-finite loss trained on broken weights: keep them out.
+            steps = steps[steps["step"] <= bad.step]
+            layers = layers[layers["step"] <= bad.step]
         self.writer.append("steps", steps)
         self.writer.append("layers", layers)
-        return FlushResult(
-            last_loss=float(steps["loss"].iloc[-1]), first_nonfinite=_first_nonfinite(hosts, steps)
-        )
+        return FlushResult(last_loss=float(steps["loss"].iloc[-1]), first_nonfinite=bad)
 
     def _steps_frame(
         self, hosts: list[HostStep], device_rows: np.ndarray, throughput: float

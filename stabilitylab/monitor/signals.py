@@ -100,6 +100,9 @@ class TrainingMonitor:
         self._layers = torch.full(
             (capacity, num_groups, len(LAYER_SIGNALS)), float("nan"), device=device
         )
+        # Set on the device when any recorded loss is NaN or infinite; reading it is the
+        # caller's one host sync, done before an evaluation or a flush.
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.rows = 0
 
     @property
@@ -143,7 +146,9 @@ class TrainingMonitor:
             total = torch.full((), float("nan"), device=self.device)
         # The token gradient comes from a tensor hook, before the scaler unscales parameters.
         token = self.tokens.squared.sqrt() / scale.float()
-        values = torch.stack([loss.detach().float(), total, token, scale.float()])
+        loss_value = loss.detach().float()
+        torch.logical_or(self.nonfinite, ~torch.isfinite(loss_value), out=self.nonfinite)
+        values = torch.stack([loss_value, total, token, scale.float()])
         self._steps[row] = values
         self.tokens.reset()
 

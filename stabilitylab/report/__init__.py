@@ -29,7 +29,7 @@ from stabilitylab.report.figures import render_figures
 from stabilitylab.report.html import render_html
 from stabilitylab.report.markdown import render_markdown
 from stabilitylab.report.summary import run_labels
-from stabilitylab.runs import CONFIG_FILE, make_dir, read_run
+from stabilitylab.runs import CONFIG_FILE, is_report_dir, make_dir, read_run
 
 __all__ = ["EVENTS_FILE", "HTML_FILE", "MARKDOWN_FILE", "REPORT_DIR_NAME", "write_report"]
 
@@ -130,19 +130,11 @@ def check_report_dir(target: Path) -> None:
             f"report folder {target} is a run directory. Pass another --out, such as "
             f"{target / REPORT_DIR_NAME}"
         )
-    if not _is_report_dir(target):
+    if not is_report_dir(target):
         raise RunDirError(
             f"report folder {target} already contains files that are not a stabilitylab report. "
             "Pass a new or empty folder"
         )
-
-
-def _is_report_dir(target: Path) -> bool:
-    try:
-        payload = json.loads((target / EVENTS_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(payload, dict) and "detector_params" in payload and "runs" in payload
 
 
 def write_report_files(target: Path, content: ReportContent, payload: dict[str, Any]) -> None:

@@ -155,9 +155,10 @@ def plot_loss(
             ax.set_xlabel("step")
             ax.set_ylabel("loss")
             handles = ax.get_legend_handles_labels()[0]
-            handles.append(
-                Line2D([], [], marker="x", linestyle="none", color="grey", label="loss spike")
-            )
+            if any(run_events.spikes_on(LOSS) for run_events in events):
+                handles.append(
+                    Line2D([], [], marker="x", linestyle="none", color="grey", label="loss spike")
+                )
             ax.legend(handles=handles, **LEGEND_OUTSIDE)
         else:
             _mark_empty(ax, "No training steps recorded")

@@ -5,6 +5,7 @@ Accuracies are kNN top-1 in percent, and differences of accuracies are in points
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -25,6 +26,8 @@ STATUS_TEXT = {
     "finished": "finished",
     "running": "incomplete (running or killed)",
     "failed": "failed",
+    "interrupted": "interrupted (Ctrl-C or SIGTERM)",
+    "unknown": "unknown (status.json missing or damaged)",
 }
 
 SUMMARY_COLUMNS = (
@@ -205,24 +208,45 @@ def run_folders_table(runs: Sequence[Run], labels: Sequence[str]) -> Table:
     return Table(columns=("run", "folder"), rows=rows, caption="Run folders")
 
 
-def seed_comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table | None:
-    """Build the frozen-minus-learned table for seeds that have one run of each arm.
+# Settings that do not change what a run computes, so two arms may differ in them and still
+# be paired.
+PAIRING_IGNORED = ("freeze_patch_embed", "preset", "flush_every", "checkpoint_every", "workers")
 
-    Returns None when no seed has both arms. A seed with several runs of one arm is left
-    out and named in the note, because pairing them would be a guess, so the table may have
-    a note and no rows.
+
+def pairing_key(run: Run) -> str:
+    """Return the run's configuration without the arm and bookkeeping settings, as text."""
+    recipe = {k: v for k, v in run.config.items() if k not in PAIRING_IGNORED}
+    return json.dumps(recipe, sort_keys=True, default=str)
+
+
+def _differing_keys(runs: Sequence[Run]) -> list[str]:
+    keys = sorted({k for run in runs for k in run.config} - set(PAIRING_IGNORED))
+    return [
+        k for k in keys if len({json.dumps(run.config.get(k), default=str) for run in runs}) > 1
+    ]
+
+
+def seed_comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table | None:
+    """Build the frozen-minus-learned table for runs that differ only in the arm.
+
+    Two runs are paired when their configurations are equal, seed included, except for
+    ``freeze_patch_embed`` and the settings in :data:`PAIRING_IGNORED`. Returns None when no
+    pair exists and nothing needs explaining. A recipe with several runs of one arm, and a
+    seed whose two arms differ in other settings, are left out and named in the note,
+    because pairing them would be a guess, so the table may have a note and no rows.
     """
-    by_seed: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    by_recipe: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for index, run in enumerate(runs):
-        seed = run.config.get("seed")
-        if seed is not None:
-            by_seed[format_config_value(seed)][run.arm].append(index)
+        if run.config.get("seed") is not None:
+            by_recipe[pairing_key(run)][run.arm].append(index)
     rows = []
     final_deltas = []
     best_deltas = []
     unpaired = []
-    for seed in sorted(by_seed):
-        arms = by_seed[seed]
+    paired_seeds = set()
+    for key in sorted(by_recipe, key=lambda k: json.loads(k).get("seed", 0)):
+        arms = by_recipe[key]
+        seed = format_config_value(json.loads(key).get("seed"))
         if not arms["learned"] or not arms["frozen"]:
             continue
         if len(arms["learned"]) > 1 or len(arms["frozen"]) > 1:
@@ -230,6 +254,7 @@ def seed_comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table |
                 f"seed {seed} ({len(arms['learned'])} learned, {len(arms['frozen'])} frozen)"
             )
             continue
+        paired_seeds.add(seed)
         learned, frozen = runs[arms["learned"][0]], runs[arms["frozen"][0]]
         final_delta = final_top1(frozen) - final_top1(learned)
         best_delta = best_top1(frozen) - best_top1(learned)
@@ -248,13 +273,14 @@ def seed_comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table |
                 _format_delta(best_delta),
             )
         )
+    unpaired += _mismatched_seeds(runs, paired_seeds)
     if not rows and not unpaired:
         return None
     if rows:
         rows.append(_mean_row(final_deltas, best_deltas))
     note = ""
     if unpaired:
-        note = "Not paired because a seed has several runs of one arm: " + "; ".join(unpaired)
+        note = "Not paired: " + "; ".join(unpaired)
     return Table(
         columns=(
             "seed",
@@ -271,6 +297,22 @@ def seed_comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table |
         caption="Frozen minus learned patch projection, kNN top-1 in points",
         note=note,
     )
+
+
+def _mismatched_seeds(runs: Sequence[Run], paired_seeds: set[str]) -> list[str]:
+    """Describe seeds that have both arms only in runs whose other settings differ."""
+    by_seed: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        if run.config.get("seed") is not None:
+            by_seed[format_config_value(run.config["seed"])].append(run)
+    notes = []
+    for seed, seed_runs in sorted(by_seed.items()):
+        arms = {run.arm for run in seed_runs}
+        if seed in paired_seeds or arms != {"learned", "frozen"}:
+            continue
+        differing = ", ".join(_differing_keys(seed_runs))
+        notes.append(f"seed {seed}, whose learned and frozen runs also differ in {differing}")
+    return notes
 
 
 def _mean_row(final_deltas: list[float], best_deltas: list[float]) -> tuple[str, ...]:

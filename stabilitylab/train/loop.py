@@ -171,10 +171,15 @@ class Trainer:
         if result.first_nonfinite is not None:
             bad = result.first_nonfinite
             self.writer.write_status("failed", step=bad.step, reason="non-finite loss")
+            advice = (
+                "lower --lr"
+                if self.config.precision == "fp32"
+                else "lower --lr or use --precision fp32"
+            )
             raise TrainingError(
                 f"the loss became non-finite at step {bad.step} (lr {bad.lr:.3g}, precision "
-                f"{self.config.precision}); metrics up to that step are in {self.run_dir}. Lower "
-                "--lr or use --precision fp32"
+                f"{self.config.precision}); metrics up to that step are in {self.run_dir}, and "
+                f"any earlier checkpoint is kept. To continue, {advice}"
             )
         self.writer.write_status("running", step=self.step, total_steps=self.derived.total_steps)
 
@@ -230,6 +235,9 @@ class Trainer:
         self.step += 1
 
     def evaluate(self) -> KnnResult:
+        # A broken model would score 0% and read as a dip: stop at the non-finite loss instead.
+        if bool(self.monitor.nonfinite):
+            self.flush()
         started = time.perf_counter()
         backbone = self.model.backbone
         was_training = backbone.training
