@@ -54,6 +54,12 @@ class Option:
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
     flag: bool = False
+    repeat: bool = False  # the option may be given several times; the values form a tuple
+    name: str | None = None  # the flag, when it is not the field name with dashes
+
+    @property
+    def flag_name(self) -> str:
+        return self.name or "--" + self.field.replace("_", "-")
 
 
 RUN_OPTIONS = (
@@ -191,6 +197,22 @@ RUN_OPTIONS = (
         type=int,
         metavar="N",
     ),
+    Option(
+        "inject_spikes",
+        "plant a fault for validating the detectors: multiply the gradient of layer group "
+        "LAYER (patch_embed, blocks.00, ..., projector) by FACTOR at optimiser step STEP, "
+        "counted from 0; repeatable",
+        metavar="STEP:LAYER:FACTOR",
+        repeat=True,
+        name="--inject-spike",
+    ),
+    Option(
+        "lr_spikes",
+        "plant a fault: multiply the learning rate of optimiser step STEP by FACTOR; repeatable",
+        metavar="STEP:FACTOR",
+        repeat=True,
+        name="--lr-spike",
+    ),
 )
 
 
@@ -233,7 +255,17 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> Parser:
     )
     parser.add_argument("--quiet", action="store_true", help="log only warnings and errors")
     for option in RUN_OPTIONS:
-        flag = "--" + option.field.replace("_", "-")
+        flag = option.flag_name
+        if option.repeat:
+            parser.add_argument(
+                flag,
+                action="append",
+                dest=option.field,
+                metavar=option.metavar,
+                default=argparse.SUPPRESS,
+                help=option.help,
+            )
+            continue
         if option.flag:
             parser.add_argument(
                 flag, action="store_true", default=argparse.SUPPRESS, help=option.help
@@ -316,6 +348,9 @@ def _command_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _raise_terminated)
     overrides = {o.field: getattr(args, o.field) for o in RUN_OPTIONS if hasattr(args, o.field)}
+    for option in RUN_OPTIONS:
+        if option.repeat and option.field in overrides:
+            overrides[option.field] = tuple(overrides[option.field])
     config = build_config(args.preset, **overrides)
     result = run_training(config, args.out, overwrite=args.overwrite)
     print(

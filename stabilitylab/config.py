@@ -77,6 +77,8 @@ class RunConfig:
     device: str = "auto"
     precision: str = "fp32"
     workers: int = 0
+    inject_spikes: tuple[str, ...] = ()  # STEP:LAYER:FACTOR gradient multipliers
+    lr_spikes: tuple[str, ...] = ()  # STEP:FACTOR learning-rate multipliers
 
     @property
     def model_spec(self) -> ModelSpec:
@@ -205,6 +207,7 @@ def validate(config: RunConfig) -> None:
     )
     _validate_geometry(config)
     _validate_device(config)
+    _validate_faults(config)
     if config.dataset == "imagefolder":
         _require(
             bool(config.data_dir),
@@ -235,6 +238,15 @@ def _validate_geometry(config: RunConfig) -> None:
         spec.embed_dim % 4 == 0,
         f"model {config.model} has embed_dim {spec.embed_dim}, not divisible by 4",
     )
+
+
+def _validate_faults(config: RunConfig) -> None:
+    from stabilitylab.models.layers import vit_layer_groups
+    from stabilitylab.train.faults import check_fault_specs
+
+    frozen = {"patch_embed"} if config.freeze_patch_embed else set()
+    layers = vit_layer_groups(config.model_spec.depth)
+    check_fault_specs(config.inject_spikes, config.lr_spikes, layers, frozen)
 
 
 def _validate_device(config: RunConfig) -> None:
@@ -273,6 +285,9 @@ def derive(config: RunConfig, train_size: int, in_chans: int, num_classes: int) 
             f"({train_size} images); pass --batch-size {train_size} or less"
         )
     total = steps_per_epoch * config.epochs
+    from stabilitylab.train.faults import check_fault_steps
+
+    check_fault_steps(config.inject_spikes, config.lr_spikes, total)
     return Derived(
         global_batch_size=config.batch_size,
         lr=config.lr * config.batch_size / 256,

@@ -82,6 +82,8 @@ def test_help_explains_options(cli_command):
         "--eval-every",
         "--preset",
         "--device",
+        "--inject-spike",
+        "--lr-spike",
     ):
         assert option in result.stdout
     assert "per 256 images" in result.stdout
@@ -247,3 +249,11 @@ def test_diverged_run_stops_and_reports(cli_command, tmp_path):
     report = run_cli(cli_command, "report", str(out), "--out", str(tmp_path / "report"))
     assert report.returncode == 0, report.stderr
     assert "failed: non-finite loss" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_bad_fault_spec_rejected(cli_command, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(cli_command, "run", "--out", str(out), "--inject-spike", "10:blocks.99:5")
+    assert result.returncode == 2
+    assert "layer 'blocks.99' is not a layer group" in result.stderr
+    assert not out.exists()

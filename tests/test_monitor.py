@@ -12,6 +12,7 @@ from stabilitylab.models.layers import named_groups
 from stabilitylab.models.vit import FIXED_PARAMETERS
 from stabilitylab.monitor.signals import TrainingMonitor
 from stabilitylab.train.loop import build_model
+from stabilitylab.train.precision import scale_tensor
 
 
 def _setup(config):
@@ -125,3 +126,29 @@ def test_drain_returns_copies(tiny_config):
     _monitored_step(model, monitor, optimizer)
     assert torch.isfinite(first.steps).all()
     assert monitor.rows == 1
+
+
+def test_norms_measured_after_unscaling(tiny_config):
+    # The gradient scaler's path, exercised on the CPU: every recorded norm must equal the
+    # unscaled run's, and the loss scale is recorded as such.
+    recorded = []
+    for scale in (None, 1024.0):
+        model, _, monitor, optimizer = _setup(tiny_config())
+        torch.manual_seed(1)
+        view1, view2 = torch.rand(16, 1, 16, 16), torch.rand(16, 1, 16, 16)
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale or 1.0, enabled=scale is not None)
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(view1, view2)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        monitor.record_gradients(loss, scale_tensor(scaler, torch.device("cpu")))
+        monitor.snapshot_weights()
+        scaler.step(optimizer)
+        scaler.update()
+        monitor.record_updates()
+        recorded.append(monitor.drain())
+    plain, scaled = recorded
+    assert torch.allclose(scaled.steps[0, :3], plain.steps[0, :3], rtol=1e-4)
+    assert torch.allclose(scaled.layers[0, :, 0], plain.layers[0, :, 0], rtol=1e-4)
+    assert plain.steps[0, 3].item() == 1.0
+    assert scaled.steps[0, 3].item() == 1024.0

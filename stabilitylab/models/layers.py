@@ -38,6 +38,12 @@ def group_order_key(group: str) -> tuple[int, int]:
     return (2, ["norm", "projector", "predictor"].index(group))
 
 
+def vit_layer_groups(depth: int) -> list[str]:
+    """Return the layer-group names of a MoCo v3 ViT with ``depth`` blocks, in flow order."""
+    blocks = [f"blocks.{index:02d}" for index in range(depth)]
+    return ["patch_embed", "cls_token", *blocks, "norm", "projector", "predictor"]
+
+
 def last_block(groups: list[str]) -> str:
     return max((g for g in groups if g.startswith("blocks.")), key=group_order_key)
 

@@ -34,6 +34,7 @@ from stabilitylab.monitor.signals import TrainingMonitor
 from stabilitylab.runs import CHECKPOINT_FILE, FROZEN_CHECK_FILE, RunWriter, prepare_run_dir
 from stabilitylab.train.checkpoint import save_checkpoint
 from stabilitylab.train.environment import describe_environment, resolve_device
+from stabilitylab.train.faults import FaultPlan
 from stabilitylab.train.precision import autocast_factory, build_scaler, scale_tensor
 from stabilitylab.train.schedules import build_lr_schedule, lr_at
 
@@ -128,6 +129,7 @@ class Trainer:
         self.scaler = build_scaler(config.precision, device)
         groups = named_groups(self.model.online_modules(), skip=FIXED_PARAMETERS)
         self.layer_names = [name for name, _ in groups]
+        self.faults = FaultPlan(config.inject_spikes, config.lr_spikes, groups, derived.total_steps)
         self.monitor = TrainingMonitor(
             groups, self.model.backbone.blocks[0], device, config.flush_every
         )
@@ -159,6 +161,7 @@ class Trainer:
             "first_layer": "patch_embed",
             "last_block": f"blocks.{len(self.model.backbone.blocks) - 1:02d}",
             "init_fingerprint": self.init_fingerprint,
+            "faults": self.faults.to_dict(),
             "dataset_description": self.data.description,
         }
         self.writer.write_config(self.config.to_dict(), derived, environment)
@@ -205,6 +208,10 @@ class Trainer:
 
     def train_step(self, view1: torch.Tensor, view2: torch.Tensor, epoch: float) -> None:
         self.scheduler.step_update(num_updates=self.step)
+        lr_factor = self.faults.lr_factor(self.step)
+        if lr_factor != 1.0:
+            for group in self.optimizer.param_groups:
+                group["lr"] *= lr_factor
         lr = lr_at(self.optimizer)
         momentum = momentum_at(self.step, self.derived.total_steps, self.config.momentum)
 
@@ -215,6 +222,7 @@ class Trainer:
 
         # Every norm is measured on unscaled gradients.
         self.scaler.unscale_(self.optimizer)
+        self.faults.apply_gradient_spikes(self.step)
         self.monitor.record_gradients(loss, scale_tensor(self.scaler, self.device))
         self.monitor.snapshot_weights()
         self.scaler.step(self.optimizer)
