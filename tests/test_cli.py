@@ -29,6 +29,13 @@ def run_cli(command, *args, timeout=300):
     [
         (["run", "--lr", "-1"], "--lr -1.0 is invalid"),
         (["run", "--batch-size", "0"], "--batch-size 0 is invalid"),
+        (["run", "--batch-size", "1"], "need at least 2 images per step"),
+        (["run", "--lr", "1e400"], "'1e400' is not a finite number"),
+        (["run", "--seed", "99999999999999999999"], "--seed 99999999999999999999 is invalid"),
+        (
+            ["run", "--data-dir", "/data"],
+            "--data-dir '/data' is only read with --dataset imagefolder",
+        ),
         (["run", "--img-size", "18"], "--img-size 18 is not divisible by --patch-size 4"),
         (["run", "--preset", "nope"], "invalid choice: 'nope'"),
         (["run", "--model", "vit_huge"], "invalid choice: 'vit_huge'"),

@@ -155,3 +155,11 @@ def test_damaged_status_is_a_warning(tmp_path):
     assert run.status == {"state": "unknown"}
     assert any("status.json" in warning for warning in run.warnings)
     assert len(run.steps) == 10
+
+
+def test_status_without_text_state_is_a_warning(tmp_path):
+    _write_run(tmp_path / "run")
+    (tmp_path / "run" / "status.json").write_text('{"state": 5}')
+    run = read_run(tmp_path / "run")
+    assert run.status == {"state": "unknown"}
+    assert any("no text state" in warning for warning in run.warnings)
