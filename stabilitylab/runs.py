@@ -67,6 +67,8 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         "epoch",
         "knn_top1",  # percent
         "knn_top5",  # percent, NaN with fewer than 5 classes
+        "feature_std",  # per-channel std of the L2-normalised query features, channel mean
+        "effective_rank",  # exp(entropy) of the query features' normalised singular values
         "n_bank",  # images in the kNN feature bank
         "n_query",  # images evaluated
         "eval_seconds",

@@ -134,6 +134,8 @@ def test_run_then_report_both_arms(cli_command, tmp_path):
     assert layers.loc[layers["layer"] == "blocks.00", "grad_norm"].gt(0).all()
     assert list(evals["step"]) == [0, 10, 20, 30, 40, 42]
     assert evals["knn_top1"].between(0, 100).all()
+    assert evals["feature_std"].between(0, 1).all()
+    assert evals["effective_rank"].between(1, 64).all()  # at most the 64-wide embedding
     checkpoint = load_checkpoint(runs["frozen"] / "checkpoint.pt")  # weights_only=True
     assert checkpoint["step"] == 42
     assert "backbone.patch_embed.proj.weight" in checkpoint["model"]

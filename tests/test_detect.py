@@ -380,6 +380,8 @@ def evals_table() -> pd.DataFrame:
             "epoch": [0.0, 1.0, 2.0, 3.0, 4.0],
             "knn_top1": [10.0, 30.0, 40.0, 25.0, 42.0],
             "knn_top5": np.nan,
+            "feature_std": 0.1,
+            "effective_rank": 20.0,
             "n_bank": 5000,
             "n_query": 1000,
             "eval_seconds": 1.0,

@@ -137,6 +137,8 @@ def evals_frame(final_top1: float) -> pd.DataFrame:
             "epoch": eval_steps / 100,
             "knn_top1": top1,
             "knn_top5": np.nan,
+            "feature_std": 0.1,
+            "effective_rank": 20.0,
             "n_bank": 5000,
             "n_query": 1000,
             "eval_seconds": 1.5,

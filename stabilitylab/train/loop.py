@@ -17,6 +17,7 @@ from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
+from probes.collapse import effective_rank, embedding_std
 from probes.knn import KnnResult, extract_features, weighted_knn
 from stabilitylab.config import Derived, RunConfig, derive
 from stabilitylab.data import DataBundle, build_data
@@ -274,6 +275,8 @@ class Trainer:
                 "epoch": [self.step / self.derived.steps_per_epoch],
                 "knn_top1": [result.top1],
                 "knn_top5": [result.top5 if result.top5 is not None else float("nan")],
+                "feature_std": [embedding_std(queries)],
+                "effective_rank": [effective_rank(queries)],
                 "n_bank": [result.n_bank],
                 "n_query": [result.n_query],
                 "eval_seconds": [time.perf_counter() - started],
