@@ -347,10 +347,12 @@ def _command_run(args: argparse.Namespace) -> int:
     from stabilitylab.train.loop import run_training
 
     signal.signal(signal.SIGTERM, _raise_terminated)
-    overrides = {o.field: getattr(args, o.field) for o in RUN_OPTIONS if hasattr(args, o.field)}
+    # Options the user did not pass are absent from args, so the preset's value stays.
+    overrides = {}
     for option in RUN_OPTIONS:
-        if option.repeat and option.field in overrides:
-            overrides[option.field] = tuple(overrides[option.field])
+        if hasattr(args, option.field):
+            value = getattr(args, option.field)
+            overrides[option.field] = tuple(value) if option.repeat else value
     config = build_config(args.preset, **overrides)
     result = run_training(config, args.out, overwrite=args.overwrite)
     print(
@@ -385,11 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stabilitylab {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as interrupt:
-        print(
-            f"stabilitylab {args.command}: interrupted; the metrics so far and a checkpoint "
-            "are kept",
-            file=sys.stderr,
-        )
+        kept = "the metrics so far and a checkpoint are kept" if args.command == "run" else ""
+        print(f"stabilitylab {args.command}: interrupted. {kept}".rstrip(), file=sys.stderr)
         return 128 + getattr(interrupt, "signal_number", signal.SIGINT)
 
 

@@ -27,9 +27,8 @@ class HostStep:
 
 @dataclass
 class FlushResult:
-    """What the last flush wrote, for progress display and the non-finite check."""
+    """Outcome of one flush: the first step whose loss was NaN or infinite, if any."""
 
-    last_loss: float
     first_nonfinite: HostStep | None
 
 
@@ -72,7 +71,7 @@ class MetricsRecorder:
             layers = layers[layers["step"] <= bad.step]
         self.writer.append("steps", steps)
         self.writer.append("layers", layers)
-        return FlushResult(last_loss=float(steps["loss"].iloc[-1]), first_nonfinite=bad)
+        return FlushResult(first_nonfinite=bad)
 
     def _steps_frame(
         self, hosts: list[HostStep], device_rows: np.ndarray, throughput: float

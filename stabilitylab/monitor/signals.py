@@ -100,8 +100,8 @@ class TrainingMonitor:
         self._layers = torch.full(
             (capacity, num_groups, len(LAYER_SIGNALS)), float("nan"), device=device
         )
-        # Set on the device when any recorded loss is NaN or infinite; reading it is the
-        # caller's one host sync, done before an evaluation or a flush.
+        # Set on the device when any recorded loss is NaN or infinite. Reading it costs one
+        # host sync, so the trainer reads it only before an evaluation.
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.rows = 0
 

@@ -118,7 +118,7 @@ def events_payload(
 def check_report_dir(target: Path) -> None:
     """Raise RunDirError unless ``target`` is new, empty or an earlier stabilitylab report.
 
-    An earlier report is replaced file by file; any other folder with files in it, a run
+    An earlier report is replaced file by file. Any other folder with files in it, a run
     directory included, is left alone so that no user file is overwritten.
     """
     if target.exists() and not target.is_dir():

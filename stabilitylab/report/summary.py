@@ -233,7 +233,7 @@ def seed_comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table |
     ``freeze_patch_embed`` and the settings in :data:`PAIRING_IGNORED`. Returns None when no
     pair exists and nothing needs explaining. A recipe with several runs of one arm, and a
     seed whose two arms differ in other settings, are left out and named in the note,
-    because pairing them would be a guess, so the table may have a note and no rows.
+    because pairing them would be a guess. The table may therefore have a note and no rows.
     """
     by_recipe: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for index, run in enumerate(runs):

@@ -136,12 +136,12 @@ class FaultPlan:
         self._by_step: dict[int, list[tuple[list[nn.Parameter], float]]] = defaultdict(list)
         for spike in self.gradient_spikes:
             self._by_step[spike.step].append((trainable[spike.layer], spike.factor))
-        self._lr_factor: dict[int, float] = defaultdict(lambda: 1.0)
+        self._lr_factor: dict[int, float] = {}
         for spike in self.lr_spikes:
-            self._lr_factor[spike.step] *= spike.factor
+            self._lr_factor[spike.step] = self._lr_factor.get(spike.step, 1.0) * spike.factor
 
     def lr_factor(self, step: int) -> float:
-        return self._lr_factor[step] if step in self._lr_factor else 1.0
+        return self._lr_factor.get(step, 1.0)
 
     @torch.no_grad()
     def apply_gradient_spikes(self, step: int) -> None:

@@ -116,9 +116,13 @@ class Trainer:
         self.data = data
         self.device = device
         self.autocast = autocast_factory(config.precision, device)
+
+        # Model, with the initial state the frozen check and the fingerprint compare against.
         self.model = build_model(config, derived).to(device)
         self.frozen_initial = {name: p.detach().clone() for name, p in self._frozen_parameters()}
         self.init_fingerprint = parameter_fingerprint(self.model)
+
+        # Optimisation: only trainable parameters reach the optimiser.
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         # MoCo v3 applies weight decay to every trainable parameter, biases and norms included.
         self.optimizer = create_optimizer_v2(
@@ -128,6 +132,8 @@ class Trainer:
             self.optimizer, derived.total_steps, derived.warmup_steps
         )
         self.scaler = build_scaler(config.precision, device)
+
+        # Monitoring, planted faults and the run directory.
         groups = named_groups(self.model.online_modules(), skip=FIXED_PARAMETERS)
         self.layer_names = [name for name, _ in groups]
         self.faults = FaultPlan(config.inject_spikes, config.lr_spikes, groups, derived.total_steps)
