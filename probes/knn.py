@@ -10,8 +10,9 @@ candidates, so a class that no neighbour voted for never counts as predicted.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -19,12 +20,17 @@ from torch.utils.data import DataLoader, Dataset
 
 @dataclass(frozen=True)
 class KnnResult:
-    """Accuracies in percent; ``top5`` is None with fewer than 5 classes."""
+    """Accuracies in percent; ``top5`` is None with fewer than 5 classes.
+
+    ``correct`` is the top-1 hit of each query in input order, a bool tensor (Q,) on the
+    queries' device, for resampling the query set.
+    """
 
     top1: float
     top5: float | None
     n_bank: int
     n_query: int
+    correct: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
 
 @torch.no_grad()
@@ -35,9 +41,17 @@ def extract_features(
     batch_size: int = 256,
     workers: int = 0,
     autocast: Callable[[], object] | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (L2-normalised float32 features (N, C), labels (N,)) on ``device``."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    """Return (L2-normalised float32 features (N, C), labels (N,)) on ``device``.
+
+    Creating a DataLoader iterator draws its worker base seed from ``generator``, or from the
+    global CPU generator when it is None. Pass a private generator to leave the global random
+    stream, and so the training augmentations, untouched.
+    """
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, generator=generator
+    )
     features, labels = [], []
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
@@ -69,7 +83,7 @@ def weighted_knn(
         )
     k = min(k, len(bank))
     top5_n = min(5, k, num_classes)
-    hits1 = torch.zeros((), dtype=torch.long, device=queries.device)
+    correct = []
     hits5 = torch.zeros((), dtype=torch.long, device=queries.device)
     for start in range(0, len(queries), chunk_size):
         chunk = queries[start : start + chunk_size]
@@ -81,9 +95,21 @@ def weighted_knn(
         votes.scatter_add_(1, bank_labels[top_index], weights)  # (q, classes)
         ranked_votes, ranked = votes.topk(top5_n, dim=1)
         match = (ranked == labels[:, None]) & (ranked_votes > 0)
-        hits1 += match[:, 0].sum()
+        correct.append(match[:, 0])
         hits5 += match.any(dim=1).sum()
+    hits = torch.cat(correct)
     total = len(queries)
-    top1 = 100.0 * hits1.item() / total
+    top1 = 100.0 * hits.sum().item() / total
     top5 = 100.0 * hits5.item() / total if num_classes >= 5 else None
-    return KnnResult(top1=top1, top5=top5, n_bank=len(bank), n_query=total)
+    return KnnResult(top1=top1, top5=top5, n_bank=len(bank), n_query=total, correct=hits)
+
+
+def pack_hits(correct: torch.Tensor | None) -> bytes | None:
+    """Pack per-query top-1 hits into bytes, 8 queries a byte, in query order.
+
+    The evals table stores them so that the dip detector can compare two evaluations on the
+    same queries; ``numpy.unpackbits(..., count=n_query)`` restores them.
+    """
+    if correct is None:
+        return None
+    return np.packbits(correct.detach().to("cpu", torch.bool).numpy()).tobytes()

@@ -1,7 +1,9 @@
 """Command-line interface: parses options, calls the library, turns errors into one line.
 
 Exit status 0 on success, 2 for a user error (bad option, missing run directory, unusable
-data), 1 for a run that failed while training, 130 when interrupted.
+data), 1 for a run that failed while training, 130 when interrupted. A sweep exits 0 when
+every run finished or diverged (a non-finite loss, recorded as a result of the grid), and 1
+when a run failed for another reason, after the remaining runs and the report.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stabilitylab.config import DATASETS, METHODS, MODELS, PRECISIONS, RunConfig, available_presets
-from stabilitylab.errors import StabilityLabError, TrainingError
+from stabilitylab.errors import ConfigError, StabilityLabError, TrainingError
 
 log = logging.getLogger("stabilitylab")
 
@@ -174,6 +176,20 @@ RUN_OPTIONS = (
         metavar="N",
     ),
     Option(
+        "dense_knn_every",
+        "optimiser steps between evaluations of the dense kNN monitor, which classifies the "
+        "validation images against a queue of recent training features; 0 turns it off",
+        type=int,
+        metavar="STEPS",
+    ),
+    Option(
+        "dense_knn_size",
+        "features kept in the dense kNN queue, at least --knn-k and at most the training "
+        "split (default: a tenth of the training split)",
+        type=int,
+        metavar="N",
+    ),
+    Option(
         "flush_every",
         "optimiser steps kept in memory before they are written; a killed run loses at most these",
         type=int,
@@ -254,7 +270,15 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> Parser:
         help="replace the run directory at --out if one is there",
     )
     parser.add_argument("--quiet", action="store_true", help="log only warnings and errors")
+    _add_run_options(parser)
+    return parser
+
+
+def _add_run_options(parser: Parser, skip: tuple[str, ...] = ()) -> None:
+    """Add every option of RUN_OPTIONS except the fields in ``skip``."""
     for option in RUN_OPTIONS:
+        if option.field in skip:
+            continue
         flag = option.flag_name
         if option.repeat:
             parser.add_argument(
@@ -279,7 +303,6 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> Parser:
             default=argparse.SUPPRESS,
             help=option.help + _default_text(option),
         )
-    return parser
 
 
 def _add_report_parser(subparsers: argparse._SubParsersAction) -> Parser:
@@ -292,7 +315,11 @@ def _add_report_parser(subparsers: argparse._SubParsersAction) -> Parser:
         "and compared; runs of one seed with learned and frozen patch projection are paired.",
     )
     parser.add_argument(
-        "runs", nargs="+", metavar="RUN_DIR", help="run directories written by stabilitylab run"
+        "runs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run directories written by stabilitylab run, or one sweep folder written by "
+        "stabilitylab sweep, which adds the sweep sections",
     )
     parser.add_argument(
         "--out",
@@ -300,7 +327,192 @@ def _add_report_parser(subparsers: argparse._SubParsersAction) -> Parser:
         help="folder for the report (default: RUN_DIR/report for one run, report/ beside the "
         "first run for several)",
     )
+    _add_detector_options(parser.add_argument_group("detectors"))
+    parser.add_argument(
+        "--detectors",
+        metavar="FILE",
+        help="JSON file of detector parameters, as stabilitylab calibrate writes it; it sets "
+        "every detector, so the other detector options cannot be combined with it",
+    )
     parser.add_argument("--quiet", action="store_true", help="log only warnings and errors")
+    return parser
+
+
+def _add_calibrate_parser(subparsers: argparse._SubParsersAction) -> Parser:
+    parser = subparsers.add_parser(
+        "calibrate",
+        help="choose spike thresholds that meet a false-alarm rate on healthy runs",
+        description="Scan the z threshold of each spike rule on runs without instabilities, "
+        "where every spike is a false alarm, and write the smallest thresholds (one for the "
+        "gradient norms, one for the loss) whose false-alarm rate meets --target, as a "
+        "detector file for stabilitylab report --detectors.",
+    )
+    parser.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR", help="healthy run directories, without planted faults"
+    )
+    parser.add_argument(
+        "--target",
+        type=finite_float,
+        # stabilitylab.detect.calibrate.DEFAULT_TARGET_RATE, which is not imported here
+        # because it loads pandas; a test checks that the two agree.
+        default=0.5,
+        metavar="RATE",
+        help="highest false-alarm rate allowed, in spike events per 1,000 recorded steps, for "
+        "the gradient norms and the loss each (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rule",
+        metavar="RULE",
+        help="spike rule of the written parameters: robust, mean_std or ema; every rule is "
+        "scanned and listed (default: the rule of --detectors, else robust)",
+    )
+    parser.add_argument(
+        "--detectors",
+        metavar="FILE",
+        help="detector file whose other parameters (window, min_ratio, co-occurrence...) are "
+        "kept (default: the built-in defaults)",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="FILE",
+        help="detector file to write (default: detectors.json beside the first run directory)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="log only warnings and errors")
+    return parser
+
+
+def _add_detector_options(group: argparse._ArgumentGroup) -> None:
+    # The defaults repeat those of stabilitylab.detect, which is not imported here because it
+    # loads pandas, and a test checks that they agree.
+    group.add_argument(
+        "--spike-preset",
+        default="robust",
+        metavar="NAME",
+        help="spike rule and thresholds for the loss and every gradient norm: robust (z of "
+        "median and MAD over 100 values, z 4), olmo2 (mean + 7 sigma over 1000 values), "
+        "olmo-core (mean + 6 sigma over 128 values) or zclip (EMA z 2.5, alpha 0.97), all on "
+        "log values (default: %(default)s)",
+    )
+    group.add_argument(
+        "--spike-z",
+        type=finite_float,
+        metavar="Z",
+        help="spike threshold in standard deviations of the trailing baseline "
+        "(default: the preset's)",
+    )
+    group.add_argument(
+        "--spike-window",
+        type=int,
+        metavar="N",
+        help="values in the trailing baseline window, which the EMA rule of zclip does not use "
+        "(default: the preset's)",
+    )
+    group.add_argument(
+        "--persistence",
+        type=int,
+        default=1,
+        metavar="N",
+        help="consecutive flagged values that a spike needs (default: %(default)s)",
+    )
+    group.add_argument(
+        "--co-occurrence",
+        type=int,
+        default=1,
+        metavar="N",
+        help="keep a gradient spike only when at least N gradient series, itself included, "
+        "spike within --co-window steps of it; 1 keeps every spike (default: %(default)s)",
+    )
+    group.add_argument(
+        "--co-window",
+        type=int,
+        default=50,
+        metavar="STEPS",
+        help="steps between two spikes that still count as co-occurring (default: %(default)s)",
+    )
+    group.add_argument(
+        "--dip-z",
+        type=finite_float,
+        default=3.0,
+        metavar="Z",
+        help="standard errors of the difference between the peak and the current evaluation "
+        "that a kNN accuracy drop must exceed to be a dip; the margin is at least 1 point "
+        "(default: %(default)s)",
+    )
+
+
+# Configuration fields that the sweep's own options set (--lr, --batch-size, --arms, --seeds),
+# so their run options are left out of the sweep's pass-through options.
+SWEPT_FIELDS = ("lr", "batch_size", "freeze_patch_embed", "seed")
+SWEEP_ARMS = ("learned", "frozen", "both")
+
+
+def _run_option(field: str) -> Option:
+    return next(option for option in RUN_OPTIONS if option.field == field)
+
+
+def _add_sweep_parser(subparsers: argparse._SubParsersAction) -> Parser:
+    parser = subparsers.add_parser(
+        "sweep",
+        help="train a grid of runs over lr, batch size, arm and seed, then report it",
+        description="Train one run per grid point (every --lr, --batch-size, arm and seed) one "
+        "after another into SWEEP_DIR, then write the sweep report into SWEEP_DIR/report. "
+        "Rerunning the same command resumes: finished runs are skipped and incomplete ones "
+        "start again. Every other option is passed to each run as with stabilitylab run.",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="SWEEP_DIR",
+        help="sweep folder: sweep.json, one run folder per grid point and report/",
+    )
+    parser.add_argument(
+        "--preset",
+        default="digits",
+        choices=available_presets(),
+        help="configuration every run starts from (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--lr",
+        dest="lrs",
+        nargs="+",
+        required=True,
+        type=finite_float,
+        metavar="LR",
+        help=_run_option("lr").help + "; give several values to sweep them",
+    )
+    parser.add_argument(
+        "--batch-size",
+        dest="batch_sizes",
+        nargs="+",
+        type=int,
+        default=argparse.SUPPRESS,
+        metavar="N",
+        help=_run_option("batch_size").help + "; several values are swept (default: the preset's)",
+    )
+    parser.add_argument(
+        "--arms",
+        choices=SWEEP_ARMS,
+        default="both",
+        help="patch projection: learned, frozen at its random initialisation, or both, which "
+        "trains each grid point twice (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=argparse.SUPPRESS,
+        metavar="N",
+        help=_run_option("seed").help + "; several values are swept (default: the preset's)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="switch a sweep folder to a changed grid or changed shared options, and train "
+        "again each run folder whose configuration differs from its grid point; finished "
+        "runs that match the grid are kept",
+    )
+    parser.add_argument("--quiet", action="store_true", help="log only warnings and errors")
+    _add_run_options(parser, skip=SWEPT_FIELDS)
     return parser
 
 
@@ -320,6 +532,8 @@ def build_parser() -> Parser:
     parser.commands = {
         "run": _add_run_parser(subparsers),
         "report": _add_report_parser(subparsers),
+        "calibrate": _add_calibrate_parser(subparsers),
+        "sweep": _add_sweep_parser(subparsers),
     }
     return parser
 
@@ -342,18 +556,23 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+def _run_overrides(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Return the configuration values of the RUN_OPTIONS passed, except the fields in ``skip``."""
+    # Options the user did not pass are absent from args, so the preset's value stays.
+    overrides = {}
+    for option in RUN_OPTIONS:
+        if option.field not in skip and hasattr(args, option.field):
+            value = getattr(args, option.field)
+            overrides[option.field] = tuple(value) if option.repeat else value
+    return overrides
+
+
 def _command_run(args: argparse.Namespace) -> int:
     from stabilitylab.config import build_config
     from stabilitylab.train.loop import run_training
 
     signal.signal(signal.SIGTERM, _raise_terminated)
-    # Options the user did not pass are absent from args, so the preset's value stays.
-    overrides = {}
-    for option in RUN_OPTIONS:
-        if hasattr(args, option.field):
-            value = getattr(args, option.field)
-            overrides[option.field] = tuple(value) if option.repeat else value
-    config = build_config(args.preset, **overrides)
+    config = build_config(args.preset, **_run_overrides(args))
     result = run_training(config, args.out, overwrite=args.overwrite)
     print(
         f"{result.run_dir}: {result.steps} steps, kNN top-1 final {result.final_knn_top1:.2f}% "
@@ -363,11 +582,94 @@ def _command_run(args: argparse.Namespace) -> int:
 
 
 def _command_report(args: argparse.Namespace) -> int:
+    from stabilitylab.detect.settings import build_detector_params
     from stabilitylab.report import write_report
 
-    folder = write_report(args.runs, args.out)
+    if args.detectors is not None:
+        params = _detector_file_params(args)
+    else:
+        params = build_detector_params(
+            spike_preset_name=args.spike_preset,
+            spike_z=args.spike_z,
+            spike_window=args.spike_window,
+            persistence=args.persistence,
+            co_occurrence=args.co_occurrence,
+            co_window_steps=args.co_window,
+            dip_z=args.dip_z,
+        )
+    folder = write_report(args.runs, args.out, params=params)
     print(f"report written to {folder / 'report.html'}")
     return 0
+
+
+def _detector_file_params(args: argparse.Namespace) -> Any:
+    from stabilitylab.detect.params_file import read_detector_file
+
+    # The report's "detectors" option group contains every option that sets a detector
+    # parameter. An option left at its default cannot be distinguished from one passed
+    # with that value, and both leave the file's parameters as they are.
+    report = build_parser().commands["report"]
+    group = next(group for group in report._action_groups if group.title == "detectors")
+    overriding = [
+        action.option_strings[0]
+        for action in group._group_actions
+        if getattr(args, action.dest, None) != report.get_default(action.dest)
+    ]
+    if overriding:
+        raise ConfigError(
+            f"--detectors sets every detector parameter, so {', '.join(overriding)} cannot be "
+            "combined with it; edit the file or drop --detectors"
+        )
+    return read_detector_file(args.detectors)
+
+
+def _command_calibrate(args: argparse.Namespace) -> int:
+    from stabilitylab.detect.calibrate import (
+        calibrate,
+        calibration_summary,
+        default_output,
+        read_runs,
+    )
+    from stabilitylab.detect.params_file import (
+        check_detector_output,
+        read_detector_file,
+        write_detector_file,
+    )
+
+    out = args.out if args.out is not None else default_output(args.runs)
+    target = check_detector_output(out)
+    base = read_detector_file(args.detectors) if args.detectors is not None else None
+    runs = read_runs(args.runs)
+    result = calibrate(runs, args.target, rule=args.rule, base=base)
+    write_detector_file(target, result.params, result.to_dict())
+    print(calibration_summary(result))
+    print(f"detector parameters written to {target}")
+    return 0
+
+
+def _command_sweep(args: argparse.Namespace) -> int:
+    from stabilitylab.config import load_preset
+    from stabilitylab.sweep import build_manifest, make_grid, run_sweep
+
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    preset = RunConfig(**load_preset(args.preset))
+    grid = make_grid(
+        args.lrs,
+        getattr(args, "batch_sizes", [preset.batch_size]),
+        args.arms,
+        getattr(args, "seeds", [preset.seed]),
+    )
+    manifest = build_manifest(grid, args.preset, _run_overrides(args, skip=SWEPT_FIELDS))
+    result = run_sweep(manifest, args.out, overwrite=args.overwrite)
+    for entry in result.failed:
+        print(f"stabilitylab sweep: {entry.name} failed: {entry.message}", file=sys.stderr)
+    print(
+        f"{result.out}: {len(result.outcomes)} runs, {result.count('finished')} trained, "
+        f"{result.count('skipped')} finished earlier, {result.count('diverged')} diverged, "
+        f"{len(result.failed)} failed; report written to "
+        f"{result.report_dir / 'report.html' if result.report_dir else 'none'}"
+    )
+    return EXIT_FAILED if result.failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -377,7 +679,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Name the subcommand in the message, which the top-level parser would not.
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     _configure_logging(args.quiet)
-    command = {"run": _command_run, "report": _command_report}[args.command]
+    command = {
+        "run": _command_run,
+        "report": _command_report,
+        "calibrate": _command_calibrate,
+        "sweep": _command_sweep,
+    }[args.command]
     try:
         return command(args)
     except TrainingError as error:
@@ -387,7 +694,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stabilitylab {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as interrupt:
-        kept = "the metrics so far and a checkpoint are kept" if args.command == "run" else ""
+        kept = {
+            "run": "the metrics so far and a checkpoint are kept",
+            "sweep": "rerun the same command to resume; finished runs are skipped",
+        }.get(args.command, "")
         print(f"stabilitylab {args.command}: interrupted. {kept}".rstrip(), file=sys.stderr)
         return 128 + getattr(interrupt, "signal_number", signal.SIGINT)
 

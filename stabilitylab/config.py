@@ -72,6 +72,9 @@ class RunConfig:
     knn_temperature: float = 0.07
     knn_max_bank: int = 50_000
     knn_max_query: int = 10_000
+    # Every few tens of steps, as the MoCo v3 study's dense monitor is described; 0 is off.
+    dense_knn_every: int = 20  # optimiser steps
+    dense_knn_size: int | None = None  # None: a tenth of the training split, at least knn_k
     flush_every: int = 100  # optimiser steps
     checkpoint_every: int = 1000  # optimiser steps
     device: str = "auto"
@@ -205,6 +208,7 @@ def validate(config: RunConfig) -> None:
         0 <= config.seed < 2**32,
         f"--seed {config.seed!r} is invalid: it must be a whole number from 0 to {2**32 - 1}",
     )
+    _validate_dense_knn(config)
     _validate_geometry(config)
     _validate_device(config)
     _validate_faults(config)
@@ -219,6 +223,41 @@ def validate(config: RunConfig) -> None:
             f"--data-dir {config.data_dir!r} is only read with --dataset imagefolder; the "
             f"{config.dataset} dataset ships with stabilitylab, so drop --data-dir",
         )
+
+
+def _validate_dense_knn(config: RunConfig) -> None:
+    every, size = config.dense_knn_every, config.dense_knn_size
+    _require(
+        isinstance(every, int) and not isinstance(every, bool) and every >= 0,
+        f"--dense-knn-every {every!r} is invalid: it must be a whole number of at least 0 "
+        "(optimiser steps between dense kNN evaluations; 0 turns the dense monitor off)",
+    )
+    if size is None:
+        return
+    _require(
+        isinstance(size, int) and not isinstance(size, bool) and size >= config.knn_k,
+        f"--dense-knn-size {size!r} is invalid: the queue must hold at least --knn-k "
+        f"{config.knn_k} features, so pass {config.knn_k} or more (or lower --knn-k)",
+    )
+
+
+def dense_knn_queue_size(config: RunConfig, train_size: int) -> int:
+    """Return the dense kNN queue length, 0 with the monitor off; raise if it exceeds the data.
+
+    The default is a tenth of the training split, but at least ``knn_k`` so that every query
+    has its full set of neighbours, and at most the split.
+    """
+    if config.dense_knn_every == 0:
+        return 0
+    if config.dense_knn_size is None:
+        return min(train_size, max(math.ceil(train_size / 10), config.knn_k))
+    if config.dense_knn_size > train_size:
+        raise ConfigError(
+            f"--dense-knn-size {config.dense_knn_size} is larger than the training split "
+            f"({train_size} images), so the queue would hold features older than an epoch; "
+            f"pass --dense-knn-size {train_size} or less"
+        )
+    return config.dense_knn_size
 
 
 def _validate_geometry(config: RunConfig) -> None:
@@ -271,6 +310,7 @@ class Derived:
     in_chans: int
     num_classes: int
     train_size: int
+    dense_knn_size: int = 0  # features in the dense kNN queue, 0 with the monitor off
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -299,4 +339,5 @@ def derive(config: RunConfig, train_size: int, in_chans: int, num_classes: int) 
         in_chans=in_chans,
         num_classes=num_classes,
         train_size=train_size,
+        dense_knn_size=dense_knn_queue_size(config, train_size),
     )

@@ -6,15 +6,16 @@ A run directory contains:
   steps per epoch, the layer names) and the environment (versions, device, seed).
 - ``status.json``: ``running``, ``finished`` or ``failed``, rewritten as the run goes. A run
   killed by a signal it could not catch stays ``running``.
-- ``steps/``, ``layers/``, ``evals/``: one Parquet file per flushed chunk. Each chunk is
-  written to a temporary name and renamed, so a killed run loses at most the chunk that was
-  still in memory and never leaves a half-written file behind.
+- ``steps/``, ``layers/``, ``evals/``, ``dense_knn/``: one Parquet file per flushed chunk.
+  Each chunk is written to a temporary name and renamed, so a killed run loses at most the
+  chunk that was still in memory and never leaves a half-written file behind.
 - ``frozen_check.json``: the end-of-run comparison of frozen parameters with their
   initial values.
 - ``checkpoint.pt``: the last checkpoint, also written atomically.
 
-Tables, one row per optimiser step (``steps``), per step and layer group (``layers``) or per
-evaluation (``evals``), with the columns listed in :data:`TABLE_COLUMNS`.
+Tables, one row per optimiser step (``steps``), per step and layer group (``layers``), per
+evaluation of the validation-split kNN monitor (``evals``) or of the dense kNN monitor
+(``dense_knn``), with the columns listed in :data:`TABLE_COLUMNS`.
 """
 
 from __future__ import annotations
@@ -67,13 +68,30 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         "epoch",
         "knn_top1",  # percent
         "knn_top5",  # percent, NaN with fewer than 5 classes
+        "knn_top1_se",  # bootstrap standard error of knn_top1 over the queries, points
+        "knn_correct",  # per-query top-1 hits in query order, numpy.packbits bytes
         "feature_std",  # per-channel std of the L2-normalised query features, channel mean
         "effective_rank",  # exp(entropy) of the query features' normalised singular values
         "n_bank",  # images in the kNN feature bank
         "n_query",  # images evaluated
         "eval_seconds",
     ),
+    "dense_knn": (
+        "step",  # evaluated after this many optimiser steps
+        "epoch",
+        "knn_top1",  # percent, validation images against the queue of training features
+        "knn_top5",  # percent, NaN with fewer than 5 classes
+        "knn_top1_se",  # bootstrap standard error of knn_top1 over the queries, points
+        "feature_std",  # per-channel std of the L2-normalised queue features, channel mean
+        "n_bank",  # features in the queue (its fill, at most its size)
+        "n_query",  # images evaluated
+        "eval_seconds",
+    ),
 }
+
+# Columns added after format version 1 was first written. A chunk without them, from an
+# older run or an older writer, reads back (and may be appended) with NaN in their place.
+LATER_COLUMNS: dict[str, tuple[str, ...]] = {"evals": ("knn_top1_se", "knn_correct")}
 
 _CHUNK_PATTERN = re.compile(r"^part-(\d{6})\.parquet$")
 
@@ -228,6 +246,7 @@ class RunWriter:
     def append(self, table: str, frame: pd.DataFrame) -> None:
         """Append ``frame`` to ``table`` as one new Parquet chunk."""
         expected = TABLE_COLUMNS[table]
+        frame = _with_later_columns(frame, table)
         if tuple(frame.columns) != expected:
             raise ValueError(
                 f"{table} chunk has columns {list(frame.columns)}, expected {expected}"
@@ -241,9 +260,28 @@ class RunWriter:
         self._next_chunk[table] = index + 1
 
 
+def _with_later_columns(frame: pd.DataFrame, table: str) -> pd.DataFrame:
+    """Insert the :data:`LATER_COLUMNS` that ``frame`` lacks as NaN, in table order."""
+    later = [name for name in LATER_COLUMNS.get(table, ()) if name not in frame.columns]
+    if not later:
+        return frame
+    known = [name for name in TABLE_COLUMNS[table] if name in frame.columns or name in later]
+    if list(frame.columns) != [name for name in known if name not in later]:
+        return frame  # a different mismatch, which the caller reports
+    return frame.assign(**{name: float("nan") for name in later})[known]
+
+
+def empty_table(table: str) -> pd.DataFrame:
+    """Return an empty frame with the columns of ``table``, as read from a run without rows."""
+    return pd.DataFrame({name: pd.Series(dtype="float64") for name in TABLE_COLUMNS[table]})
+
+
 @dataclass
 class Run:
-    """One run directory read into memory: configuration, status and the three tables."""
+    """One run directory read into memory: configuration, status and the tables.
+
+    ``dense_knn`` is empty for a run without the dense kNN monitor, older runs included.
+    """
 
     path: Path
     config: dict[str, Any]
@@ -255,6 +293,7 @@ class Run:
     evals: pd.DataFrame
     frozen_check: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
+    dense_knn: pd.DataFrame = field(default_factory=lambda: empty_table("dense_knn"))
 
     @property
     def name(self) -> str:
@@ -329,8 +368,12 @@ def _read_table(run_dir: Path, table: str, warnings: list[str]) -> pd.DataFrame:
             log.warning("%s: %s", run_dir, message)
             warnings.append(message)
     if not frames:
-        return pd.DataFrame({name: pd.Series(dtype="float64") for name in columns})
+        return empty_table(table)
+    later = LATER_COLUMNS.get(table, ())
     frame = pd.concat(frames, ignore_index=True)
+    for name in later:
+        if name not in frame.columns:
+            frame[name] = float("nan")
     missing = [name for name in columns if name not in frame.columns]
     if missing:
         raise RunDirError(

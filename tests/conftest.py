@@ -20,6 +20,8 @@ TINY_RUN = {
     "proj_hidden_dim": 64,
     "proj_dim": 32,
     "eval_every": 10,
+    # Aligned with the validation-split monitor, so the dense monitor reuses its queries.
+    "dense_knn_every": 10,
     "flush_every": 8,
     "checkpoint_every": 20,
     "device": "cpu",

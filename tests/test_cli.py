@@ -266,3 +266,94 @@ def test_bad_fault_spec_rejected(cli_command, tmp_path):
     assert result.returncode == 2
     assert "layer 'blocks.99' is not a layer group" in result.stderr
     assert not out.exists()
+
+
+def test_report_detector_options_in_events(cli_command, tmp_path):
+    from test_detect import write_run
+
+    run_dir = write_run(tmp_path / "run", frozen=False)
+    report_dir = tmp_path / "report"
+    result = run_cli(
+        cli_command,
+        "report",
+        str(run_dir),
+        "--out",
+        str(report_dir),
+        "--spike-preset=olmo-core",
+        "--spike-z=5",
+        "--spike-window=64",
+        "--persistence=2",
+        "--co-occurrence=3",
+        "--co-window=20",
+        "--dip-z=3",
+    )
+    assert result.returncode == 0, result.stderr
+    params = json.loads((report_dir / "events.json").read_text())["detector_params"]
+    grad = params["grad_spikes"]
+    assert (grad["rule"], grad["window"], grad["z_threshold"]) == ("mean_std", 64, 5.0)
+    assert grad["persistence"] == 2
+    assert params["loss_spikes"]["rule"] == "mean_std"
+    assert params["loss_spikes"]["min_ratio"] == 1.25
+    assert params["co_occurrence"] == {"min_series": 3, "window_steps": 20}
+    assert params["dips"]["z"] == 3.0
+
+
+def test_report_rejects_unknown_spike_preset(cli_command, tmp_path):
+    from test_detect import write_run
+
+    run_dir = write_run(tmp_path / "run", frozen=False, with_tables=False)
+    report_dir = tmp_path / "report"
+    result = run_cli(
+        cli_command, "report", str(run_dir), "--out", str(report_dir), "--spike-preset", "nope"
+    )
+    assert result.returncode == 2
+    assert "unknown spike preset 'nope': expected one of robust, olmo2" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not report_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--spike-window", "1"], "invalid spike window 1"),
+        (["--spike-z", "0"], "invalid spike z_threshold 0.0"),
+        (["--co-occurrence", "0"], "invalid co-occurrence min_series 0"),
+        (["--dip-z", "-1"], "invalid dip z -1.0"),
+    ],
+)
+def test_report_rejects_bad_detector_value(capsys, tmp_path, args, expected):
+    # In the test process, because a fresh interpreter per case would mostly measure imports.
+    from test_detect import write_run
+
+    from stabilitylab.cli import main
+
+    run_dir = write_run(tmp_path / "run", frozen=False, with_tables=False)
+    report_dir = tmp_path / "report"
+    status = main(["report", str(run_dir), "--out", str(report_dir), "--quiet", *args])
+    stderr = capsys.readouterr().err
+    assert status == 2
+    assert expected in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert not report_dir.exists()
+
+
+def test_report_detector_defaults_match_library():
+    from stabilitylab.cli import build_parser
+    from stabilitylab.detect import (
+        SPIKE_PRESETS,
+        CoOccurrenceParams,
+        DetectorParams,
+        DipParams,
+        SpikeParams,
+    )
+
+    report = build_parser().commands["report"]
+    assert SPIKE_PRESETS[report.get_default("spike_preset")] == DetectorParams().grad_spikes
+    assert report.get_default("persistence") == SpikeParams().persistence
+    assert report.get_default("co_occurrence") == CoOccurrenceParams().min_series
+    assert report.get_default("co_window") == CoOccurrenceParams().window_steps
+    assert report.get_default("dip_z") == DipParams().z
+    help_text = report.format_help()
+    for name in SPIKE_PRESETS:
+        assert name in help_text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -12,22 +13,31 @@ import pytest
 from stabilitylab.detect import (
     GRAD_NORM,
     LOSS,
+    SPIKE_PRESETS,
     TOKEN_GRAD_NORM,
+    CoOccurrenceParams,
     DetectorParams,
     DipParams,
+    SpikeEvent,
     SpikeParams,
     detect_run,
     dip_margin,
+    filter_co_occurring,
     find_dips,
     find_spikes,
     layer_series_name,
     score_spikes,
     select_first_layer,
     select_last_block,
+    spike_preset,
 )
+from stabilitylab.detect.dips import unpack_hits
+from stabilitylab.detect.settings import build_detector_params
 from stabilitylab.errors import ConfigError
 from stabilitylab.runs import TABLE_COLUMNS, RunWriter, read_run
 
+# The dip margins worked out in these tests use z = 2.12 standard errors of the difference.
+DIP_PARAMS = DipParams(z=2.12)
 LAYERS = ["patch_embed", "cls_token", "blocks.00", "blocks.01", "norm", "projector"]
 
 
@@ -110,12 +120,16 @@ def test_spikes_burst_does_not_raise_baseline():
     series = noisy_series(2000, seed=3)
     series.iloc[1000:1030] *= 20.0
     series.iloc[1040] *= 2.3
-    masked_events = find_spikes(series)
+    # At z 6 the 2.3x spike sits just above the threshold, so masking decides whether it
+    # is found.
+    params = SpikeParams(z_threshold=6.0)
+    masked_events = find_spikes(series, params)
     assert [event.start_step for event in masked_events] == [2000, 2080]
     second = masked_events[1]
     assert second.baseline == pytest.approx(1.0, rel=0.05)
     # Without masking, the burst inflates the baseline MAD and hides the second spike.
-    unmasked_steps = [event.start_step for event in find_spikes(series, SpikeParams(passes=1))]
+    unmasked = find_spikes(series, dataclasses.replace(params, passes=1))
+    unmasked_steps = [event.start_step for event in unmasked]
     assert unmasked_steps == [2000]
 
 
@@ -211,7 +225,7 @@ def test_spike_params_invalid_raise(overrides):
 def test_spikes_long_series():
     series = noisy_series(100_000, sigma=0.2)
     series.iloc[::5000] *= 10.0
-    events = find_spikes(series)
+    events = find_spikes(series, SpikeParams(z_threshold=6.0))
     # Steps are positions x 2. Every planted spike is found but the one at step 0, which
     # has no baseline before it.
     assert [e.peak_step for e in events] == list(range(10_000, 200_000, 10_000))
@@ -225,9 +239,13 @@ def eval_frame(steps: list[int], top1: list[float], n_query: float = 1000) -> pd
 
 
 def test_dip_margin_binomial_and_minimum():
-    params = DipParams(min_margin=1.0, z=3.0)
-    # 50 % over 1000 images: standard error 1.58 points, so the margin is 4.74.
-    assert dip_margin(50.0, 1000, params) == pytest.approx(3 * 100 * math.sqrt(0.25 / 1000))
+    params = DipParams(min_margin=1.0, z=2.0)
+    # Two evaluations of 50 % over 1000 images: the difference has a standard error of
+    # 100 * sqrt(0.25 * 2 / 1000) = 2.24 points, so the margin is 4.47.
+    assert dip_margin(50.0, 1000, params) == pytest.approx(2 * 100 * math.sqrt(0.5 / 1000))
+    assert dip_margin(50.0, 1000, params, n_query_current=250) == pytest.approx(
+        2 * 100 * math.sqrt(0.25 * (1 / 1000 + 1 / 250))
+    )
     assert dip_margin(50.0, 1_000_000, params) == pytest.approx(1.0)
     assert dip_margin(50.0, np.nan, params) == pytest.approx(1.0)
     assert dip_margin(100.0, 1000, params) == pytest.approx(1.0)
@@ -236,10 +254,11 @@ def test_dip_margin_binomial_and_minimum():
 def test_dip_planted_found_with_recovery():
     steps = [0, 100, 200, 300, 400, 500, 600, 700, 800]
     top1 = [10.0, 30.0, 50.0, 46.0, 40.0, 35.0, 45.5, 44.0, 52.0]
-    dip, second = find_dips(eval_frame(steps, top1))
-    # The margin at 50 % over 1000 images is 4.74, so 46 and 45.5 are within it. The fall to
-    # 44 after the recovery is a second dip.
-    assert dip.margin == pytest.approx(4.743, abs=1e-3)
+    dip, second = find_dips(eval_frame(steps, top1), DIP_PARAMS)
+    # The margin at 50 % over 1000 images is 2.12 * 2.24 = 4.74, so 46 and 45.5 are within
+    # it. The fall to 44 after the recovery is a second dip.
+    assert dip.margin == pytest.approx(2.12 * 100 * math.sqrt(0.5 / 1000))
+    assert dip.margin_source == "binomial"
     assert dip.peak_step == 200
     assert dip.peak_top1 == 50.0
     assert dip.start_step == 400
@@ -255,7 +274,7 @@ def test_dip_planted_found_with_recovery():
 def test_dip_unrecovered_has_no_recovery():
     steps = [0, 100, 200, 300, 400]
     top1 = [20.0, 40.0, 60.0, 50.0, 48.0]
-    (dip,) = find_dips(eval_frame(steps, top1, n_query=10_000))
+    (dip,) = find_dips(eval_frame(steps, top1, n_query=10_000), DIP_PARAMS)
     assert dip.start_step == 300
     assert dip.bottom_step == 400
     assert dip.depth == pytest.approx(12.0)
@@ -447,3 +466,503 @@ def test_detector_params_custom_thresholds(tmp_path):
     assert events.spikes_on(GRAD_NORM) == []
     assert strict.to_dict()["grad_spikes"]["min_ratio"] == 20.0
     assert strict.to_dict()["loss_spikes"]["min_ratio"] == 1.25
+
+
+# Spike rules and presets
+
+
+def reference_baseline(log_values: np.ndarray, masked: np.ndarray, params: SpikeParams):
+    """Compute the mean_std or ema baseline value by value, straight from its definition."""
+    count = len(log_values)
+    centre = np.full(count, np.nan)
+    scale = np.full(count, np.nan)
+    if params.rule == "mean_std":
+        for t in range(count):
+            lo = max(0, t - params.window)
+            history = log_values[lo:t][~masked[lo:t]]
+            if len(history) >= params.min_periods and len(history) >= 2:
+                centre[t] = history.mean()
+                scale[t] = history.std(ddof=1)
+        return centre, scale
+    weighted_sum = weight = weighted_square = square_weight = 0.0
+    seen = 0
+    for t in range(count):
+        if seen >= params.min_periods:
+            centre[t] = weighted_sum / weight
+            scale[t] = math.sqrt(weighted_square / square_weight)
+        if masked[t]:
+            continue
+        weighted_sum = params.alpha * weighted_sum + log_values[t]
+        weight = params.alpha * weight + 1.0
+        deviation = log_values[t] - weighted_sum / weight
+        weighted_square = params.alpha * weighted_square + deviation**2
+        square_weight = params.alpha * square_weight + 1.0
+        seen += 1
+    return centre, scale
+
+
+def reference_rule_scores(series: pd.Series, params: SpikeParams) -> pd.DataFrame:
+    """Score spikes with the loop baselines above, recomputed in full on every pass."""
+    log_values = np.log(series.to_numpy())
+    masked = np.zeros(len(series), dtype=bool)
+    for _ in range(params.passes):
+        centre, scale = reference_baseline(log_values, masked, params)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = (log_values - centre) / scale
+        ratio = np.exp(log_values - centre)
+        flagged = (z >= params.z_threshold) & (ratio >= params.min_ratio)
+        if np.array_equal(flagged, masked):
+            break
+        masked = flagged
+    return pd.DataFrame({"baseline": np.exp(centre), "z": z, "spike": flagged})
+
+
+@pytest.mark.parametrize("preset", sorted(SPIKE_PRESETS))
+def test_spike_rules_find_planted(preset):
+    # A gentle trend, because olmo2's 1000-value mean lags the level by half a window.
+    series = noisy_series(3000, trend=2.0)
+    series.iloc[1200] *= 8.0
+    series.iloc[2000:2003] *= 5.0
+    events = find_spikes(series, SPIKE_PRESETS[preset])
+    assert [(event.start_step, event.end_step) for event in events] == [
+        (2400, 2400),
+        (4000, 4004),
+    ]
+    assert events[0].ratio == pytest.approx(8.0, rel=0.35)
+    assert events[1].ratio == pytest.approx(5.0, rel=0.35)
+
+
+@pytest.mark.parametrize("preset", sorted(SPIKE_PRESETS))
+@pytest.mark.parametrize("trend", [20.0, 0.05])
+def test_spike_rules_ignore_noise(preset, trend):
+    for seed in range(3):
+        series = noisy_series(3000, seed=seed, sigma=0.15, trend=trend)
+        assert find_spikes(series, SPIKE_PRESETS[preset]) == []
+
+
+@pytest.mark.parametrize("preset", sorted(SPIKE_PRESETS))
+def test_spike_rules_mask_earlier_burst(preset):
+    # The robust preset at z 6, where the 2.3x spike is close to the threshold.
+    params = SPIKE_PRESETS[preset]
+    if params.rule == "robust":
+        params = dataclasses.replace(params, z_threshold=6.0)
+    series = noisy_series(3000, seed=3)
+    series.iloc[1500:1530] *= 20.0
+    series.iloc[1540] *= 2.3
+    burst, second = find_spikes(series, params)
+    assert (burst.start_step, burst.end_step) == (3000, 3058)
+    assert second.peak_step == 3080
+    assert second.baseline == pytest.approx(1.0, rel=0.05)
+    # Without masking the burst stays in the baseline and hides the later spike.
+    unmasked = find_spikes(series, dataclasses.replace(params, passes=1))
+    assert 3080 not in [event.peak_step for event in unmasked]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SpikeParams(rule="mean_std", window=50, min_periods=10, z_threshold=4.0, passes=12),
+        SpikeParams(rule="ema", alpha=0.9, min_periods=10, z_threshold=3.0, passes=12),
+    ],
+    ids=["mean_std", "ema"],
+)
+def test_spike_rules_match_reference(params):
+    series = noisy_series(700, seed=11, sigma=0.2)
+    rng = np.random.default_rng(4)
+    for position in rng.choice(np.arange(30, 700), size=15, replace=False):
+        series.iloc[position] *= rng.uniform(1.5, 30.0)
+    series.iloc[400:412] *= 15.0
+    fast = score_spikes(series, params)
+    slow = reference_rule_scores(series, params)
+    np.testing.assert_array_equal(fast["spike"].to_numpy(), slow["spike"].to_numpy())
+    np.testing.assert_allclose(fast["baseline"].to_numpy(), slow["baseline"].to_numpy())
+    np.testing.assert_allclose(fast["z"].to_numpy(), slow["z"].to_numpy(), rtol=1e-6)
+    assert fast["spike"].to_numpy()[400:412].all()
+
+
+@pytest.mark.parametrize("preset", sorted(SPIKE_PRESETS))
+def test_spike_rules_long_series(preset):
+    series = noisy_series(100_000, sigma=0.1)
+    series.iloc[::5000] *= 10.0
+    events = find_spikes(series, SPIKE_PRESETS[preset])
+    assert [event.peak_step for event in events] == list(range(10_000, 200_000, 10_000))
+
+
+def test_spike_params_ema_ignores_window():
+    params = SpikeParams(rule="ema", window=10, min_periods=25)
+    assert params.min_periods == 25
+    with pytest.raises(ConfigError, match="at most the window size"):
+        SpikeParams(rule="mean_std", window=10, min_periods=25)
+
+
+def test_spike_rule_unknown_raises():
+    with pytest.raises(ConfigError, match="'median'.*robust, mean_std, ema"):
+        SpikeParams(rule="median")
+
+
+@pytest.mark.parametrize("overrides", [{"alpha": 0.0}, {"alpha": 1.0}, {"persistence": 0}])
+def test_spike_params_new_fields_invalid_raise(overrides):
+    with pytest.raises(ConfigError):
+        SpikeParams(**overrides)
+
+
+def test_spike_preset_unknown_raises():
+    with pytest.raises(ConfigError) as error:
+        spike_preset("nope")
+    message = str(error.value)
+    assert "'nope'" in message
+    for name in SPIKE_PRESETS:
+        assert name in message
+
+
+def test_spike_preset_values_and_overrides():
+    assert spike_preset("robust") == SpikeParams()
+    olmo2 = spike_preset("olmo2")
+    assert (olmo2.rule, olmo2.window, olmo2.z_threshold) == ("mean_std", 1000, 7.0)
+    olmo_core = spike_preset("olmo-core")
+    assert (olmo_core.rule, olmo_core.window, olmo_core.z_threshold) == ("mean_std", 128, 6.0)
+    zclip = spike_preset("zclip")
+    assert (zclip.rule, zclip.z_threshold, zclip.alpha) == ("ema", 2.5, 0.97)
+    changed = spike_preset("olmo2", z_threshold=5.0)
+    assert changed.z_threshold == 5.0
+    assert changed.window == 1000
+    with pytest.raises(ConfigError):
+        spike_preset("olmo2", window=1)
+
+
+# Persistence
+
+
+def test_spikes_persistence_drops_blip():
+    series = noisy_series(1000)
+    series.iloc[400] *= 10.0
+    series.iloc[800:803] *= 10.0
+    assert [event.start_step for event in find_spikes(series)] == [800, 1600]
+    (event,) = find_spikes(series, SpikeParams(persistence=2))
+    assert (event.start_step, event.end_step) == (1600, 1604)
+    assert find_spikes(series, SpikeParams(persistence=4)) == []
+
+
+def test_spikes_persistence_keeps_blip_masked():
+    series = noisy_series(1000)
+    series.iloc[400] *= 10.0
+    single = score_spikes(series, SpikeParams())
+    persistent = score_spikes(series, SpikeParams(persistence=2))
+    assert bool(persistent["outlier"].iloc[400])
+    assert not bool(persistent["spike"].iloc[400])
+    np.testing.assert_array_equal(persistent["baseline"], single["baseline"])
+    np.testing.assert_array_equal(persistent["outlier"], single["outlier"])
+
+
+def test_spikes_persistence_across_nan_gap():
+    series = noisy_series(1000)
+    series.iloc[500] *= 10.0
+    series.iloc[501] = np.nan
+    series.iloc[502] *= 10.0
+    (event,) = find_spikes(series, SpikeParams(persistence=2))
+    assert (event.start_step, event.end_step) == (1000, 1004)
+
+
+# Co-occurrence
+
+
+def spike(series: str, start: int, end: int | None = None) -> SpikeEvent:
+    end = start if end is None else end
+    return SpikeEvent(
+        series=series,
+        start_step=start,
+        peak_step=start,
+        end_step=end,
+        duration_steps=end - start + 1,
+        peak_value=10.0,
+        baseline=1.0,
+        ratio=10.0,
+        z=20.0,
+    )
+
+
+def test_co_occurrence_keeps_pair_drops_lone():
+    spikes = {
+        "a": [spike("a", 100), spike("a", 900)],
+        "b": [spike("b", 112)],
+        "c": [],
+    }
+    kept = filter_co_occurring(spikes, CoOccurrenceParams(min_series=2, window_steps=20))
+    assert kept["a"] == [spike("a", 100)]
+    assert kept["b"] == [spike("b", 112)]
+    assert kept["c"] == []
+    assert list(kept) == ["a", "b", "c"]
+    assert len(spikes["a"]) == 2
+
+
+def test_co_occurrence_window_edge():
+    spikes = {"a": [spike("a", 100, 110)], "b": [spike("b", 130)], "c": [spike("c", 80)]}
+    params = CoOccurrenceParams(min_series=2, window_steps=20)
+    kept = filter_co_occurring(spikes, params)
+    # b starts 20 steps after a ends, c ends 20 steps before a starts: both within the window.
+    assert kept == spikes
+    narrow = filter_co_occurring(spikes, dataclasses.replace(params, window_steps=19))
+    assert narrow == {"a": [], "b": [], "c": []}
+
+
+def test_co_occurrence_long_span_overlaps():
+    spikes = {"a": [spike("a", 100, 400)], "b": [spike("b", 380)]}
+    kept = filter_co_occurring(spikes, CoOccurrenceParams(min_series=2, window_steps=0))
+    assert kept == spikes
+
+
+def test_co_occurrence_same_series_counts_once():
+    spikes = {"a": [spike("a", 100), spike("a", 105)], "b": [spike("b", 500)]}
+    kept = filter_co_occurring(spikes, CoOccurrenceParams(min_series=2, window_steps=50))
+    assert kept == {"a": [], "b": []}
+
+
+def test_co_occurrence_three_series_needed():
+    spikes = {"a": [spike("a", 100)], "b": [spike("b", 110)], "c": [spike("c", 300)]}
+    params = CoOccurrenceParams(min_series=3, window_steps=50)
+    assert filter_co_occurring(spikes, params) == {"a": [], "b": [], "c": []}
+    spikes["c"] = [spike("c", 140)]
+    assert filter_co_occurring(spikes, params) == spikes
+
+
+def test_co_occurrence_off_keeps_all():
+    spikes = {"a": [spike("a", 100)], "b": []}
+    kept = filter_co_occurring(spikes, CoOccurrenceParams())
+    assert kept == spikes
+    assert kept["a"] is not spikes["a"]
+    assert filter_co_occurring({}, CoOccurrenceParams(min_series=2)) == {}
+
+
+@pytest.mark.parametrize("overrides", [{"min_series": 0}, {"window_steps": -1}])
+def test_co_occurrence_params_invalid_raise(overrides):
+    with pytest.raises(ConfigError):
+        CoOccurrenceParams(**overrides)
+
+
+def test_detect_run_co_occurrence(tmp_path):
+    run = read_run(write_run(tmp_path / "run", frozen=False))
+    # Four gradient series spike within 3 steps: patch_embed, token, the total and blocks.01.
+    four = detect_run(run, DetectorParams(co_occurrence=CoOccurrenceParams(min_series=4)))
+    assert [event.peak_step for event in four.spikes_on(GRAD_NORM)] == [250]
+    assert [event.peak_step for event in four.spikes_on(four.last_layer)] == [251]
+    five = detect_run(run, DetectorParams(co_occurrence=CoOccurrenceParams(min_series=5)))
+    assert all(events == [] for events in five.spikes.values())
+    assert LOSS in five.spikes
+    assert five.to_dict()["spikes"][GRAD_NORM] == []
+    params = DetectorParams(co_occurrence=CoOccurrenceParams(min_series=5)).to_dict()
+    assert params["co_occurrence"] == {"min_series": 5, "window_steps": 50}
+
+
+# Dip margins from the bootstrap standard error
+
+
+def bootstrap_frame(top1: list[float], se: list[float], n_query: float = 1000) -> pd.DataFrame:
+    steps = list(range(0, 100 * len(top1), 100))
+    return pd.DataFrame({"step": steps, "knn_top1": top1, "knn_top1_se": se, "n_query": n_query})
+
+
+def test_dip_bootstrap_margin_used():
+    evals = bootstrap_frame([40.0, 50.0, 47.0, 51.0], [0.6, 0.5, 0.8, 0.5])
+    (dip,) = find_dips(evals, DIP_PARAMS)
+    # The binomial margin at 50 % over 1000 images would be 4.74, so the 3-point drop would
+    # not count. The bootstrap standard errors give 2.12 * sqrt(0.5^2 + 0.8^2) = 2.0.
+    assert dip.margin_source == "bootstrap"
+    assert dip.margin == pytest.approx(2.12 * math.sqrt(0.5**2 + 0.8**2))
+    assert (dip.peak_step, dip.start_step, dip.recovery_step) == (100, 200, 300)
+    assert dip.to_dict()["margin_source"] == "bootstrap"
+
+
+def test_dip_bootstrap_minimum_margin():
+    evals = bootstrap_frame([50.0, 48.5, 50.0], [0.1, 0.1, 0.1])
+    (dip,) = find_dips(evals, DipParams(min_margin=1.0))
+    assert dip.margin == pytest.approx(1.0)
+    assert dip.margin_source == "bootstrap"
+
+
+@pytest.mark.parametrize("missing", [1, 2])
+def test_dip_bootstrap_nan_falls_back(missing):
+    # A NaN standard error at the peak (1) or at the dip (2) gives the binomial margin there.
+    se = [0.5, 0.5, 0.5, 0.5]
+    se[missing] = np.nan
+    evals = bootstrap_frame([40.0, 50.0, 44.0, 51.0], se)
+    (dip,) = find_dips(evals, DIP_PARAMS)
+    assert dip.margin_source == "binomial"
+    assert dip.margin == pytest.approx(2.12 * 100 * math.sqrt(0.25 * 2 / 1000))
+
+
+def test_dip_fallback_per_row():
+    evals = bootstrap_frame([50.0, 47.0, 50.0, 47.0, 50.0], [0.5, 0.5, 0.5, np.nan, 0.5])
+    dips = find_dips(evals, DIP_PARAMS)
+    # The first 3-point drop exceeds the bootstrap margin of 1.5, the second stays inside
+    # the binomial margin of 4.74.
+    assert [dip.start_step for dip in dips] == [100]
+    assert dips[0].margin_source == "bootstrap"
+
+
+def test_dip_margin_sources_without_columns():
+    no_se = pd.DataFrame({"step": [0, 1, 2], "knn_top1": [50.0, 40.0, 50.0], "n_query": 1000})
+    (binomial,) = find_dips(no_se)
+    assert binomial.margin_source == "binomial"
+    bare = pd.DataFrame({"step": [0, 1, 2], "knn_top1": [50.0, 40.0, 50.0]})
+    (minimum,) = find_dips(bare)
+    assert minimum.margin_source == "minimum"
+    assert minimum.margin == pytest.approx(1.0)
+
+
+def test_dip_margin_bootstrap_arguments():
+    params = DipParams(min_margin=0.0, z=2.0)
+    margin = dip_margin(50.0, 1000, params, se_peak=0.3, se_current=0.4)
+    assert margin == pytest.approx(1.0)
+    fallback = dip_margin(50.0, 1000, params, se_peak=0.3, se_current=np.nan)
+    assert fallback == pytest.approx(2 * 100 * math.sqrt(0.5 / 1000))
+
+
+def test_dip_other_accuracy_column():
+    evals = pd.DataFrame(
+        {
+            "step": [0, 100, 200, 300],
+            "dense_top1": [50.0, 52.0, 45.0, 53.0],
+            "dense_top1_se": [1.0, 1.0, 1.0, 1.0],
+            "knn_top1": [50.0, 52.0, 52.0, 53.0],
+        }
+    )
+    (dip,) = find_dips(evals, DIP_PARAMS, column="dense_top1")
+    assert dip.series == "dense_top1"
+    assert dip.margin_source == "bootstrap"
+    assert dip.margin == pytest.approx(2.12 * math.sqrt(2.0))
+    assert find_dips(evals, DIP_PARAMS) == []
+    assert find_dips(evals, column="absent_top1") == []
+    (named,) = find_dips(
+        evals.rename(columns={"dense_top1_se": "spread"}),
+        DIP_PARAMS,
+        column="dense_top1",
+        se_column="spread",
+    )
+    assert named.margin_source == "bootstrap"
+
+
+# Detector parameters from the report options
+
+
+def test_build_detector_params_defaults():
+    assert build_detector_params() == DetectorParams()
+
+
+def test_build_detector_params_window_lowers_min_periods():
+    params = build_detector_params(spike_preset_name="olmo-core", spike_window=8)
+    assert params.grad_spikes.window == 8
+    assert params.grad_spikes.min_periods == 8
+    assert params.loss_spikes.min_periods == 8
+
+
+def test_build_detector_params_preset_and_overrides():
+    params = build_detector_params(
+        spike_preset_name="zclip",
+        spike_z=3.0,
+        spike_window=10,
+        persistence=2,
+        co_occurrence=3,
+        co_window_steps=20,
+        dip_z=3.0,
+    )
+    assert params.grad_spikes.rule == "ema"
+    assert params.grad_spikes.z_threshold == 3.0
+    assert params.grad_spikes.window == 10
+    # The EMA has no window, so its warm-up stays at the preset's 25 values.
+    assert params.grad_spikes.min_periods == 25
+    assert params.grad_spikes.persistence == 2
+    assert params.loss_spikes.rule == "ema"
+    assert params.loss_spikes.min_ratio == 1.25
+    assert params.grad_spikes.min_ratio == 2.0
+    assert params.co_occurrence == CoOccurrenceParams(min_series=3, window_steps=20)
+    assert params.dips.z == 3.0
+    assert params.dips.min_margin == 1.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"spike_preset_name": "nope"}, "unknown spike preset 'nope'"),
+        ({"spike_window": 1}, "invalid spike window 1"),
+        ({"spike_z": -1.0}, "invalid spike z_threshold -1.0"),
+        ({"persistence": 0}, "invalid spike persistence 0"),
+        ({"co_occurrence": 0}, "invalid co-occurrence min_series 0"),
+        ({"dip_z": -2.0}, "invalid dip z -2.0"),
+    ],
+)
+def test_build_detector_params_invalid_raise(overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        build_detector_params(**overrides)
+
+
+def paired_frame(hits: list[np.ndarray]) -> pd.DataFrame:
+    """Return evaluations on one query set from per-query hit arrays, with packed hits."""
+    count = len(hits[0])
+    return pd.DataFrame(
+        {
+            "step": [100 * index for index in range(len(hits))],
+            "knn_top1": [100.0 * row.mean() for row in hits],
+            "knn_top1_se": 100.0 * np.sqrt(0.25 / count),
+            "knn_correct": [np.packbits(row.astype(bool)).tobytes() for row in hits],
+            "n_query": count,
+        }
+    )
+
+
+def test_dip_paired_margin_used():
+    # 1000 queries at 80 %: the drop of 2 points flips 20 hits to misses and nothing else,
+    # which is a clear change on the same queries, though it is inside the unpaired margin.
+    peak = np.zeros(1000, dtype=np.int8)
+    peak[:800] = 1
+    drop = peak.copy()
+    drop[780:800] = 0
+    (dip,) = find_dips(paired_frame([peak, drop, peak]))
+    difference = drop - peak
+    assert dip.margin_source == "paired"
+    assert dip.margin == pytest.approx(max(1.0, 3.0 * 100 * difference.std() / math.sqrt(1000)))
+    assert (dip.start_step, dip.recovery_step) == (100, 200)
+
+
+def test_dip_paired_churn_is_noise():
+    # The same 2-point drop, but 100 queries changed in both directions: no dip.
+    rng = np.random.default_rng(0)
+    peak = (rng.random(1000) < 0.8).astype(np.int8)
+    churn = peak.copy()
+    hits = np.flatnonzero(peak == 1)
+    misses = np.flatnonzero(peak == 0)
+    churn[hits[:60]] = 0
+    churn[misses[:40]] = 1
+    assert 100 * (peak.mean() - churn.mean()) == pytest.approx(2.0)
+    assert find_dips(paired_frame([peak, churn, peak])) == []
+
+
+def test_dip_paired_needs_equal_counts():
+    peak = np.ones(1000, dtype=np.int8)
+    drop = np.ones(900, dtype=np.int8)
+    drop[:100] = 0
+    evals = paired_frame([peak, peak])
+    evals.loc[1, "knn_correct"] = np.packbits(drop.astype(bool)).tobytes()
+    evals.loc[1, "n_query"] = 900
+    evals.loc[1, "knn_top1"] = 100.0 * drop.mean()
+    (dip,) = find_dips(evals)
+    assert dip.margin_source == "bootstrap"
+
+
+def test_unpack_hits_rejects_short_buffer():
+    packed = np.packbits(np.ones(16, dtype=bool)).tobytes()
+    assert unpack_hits(packed, 16).sum() == 16
+    assert unpack_hits(packed, 17) is None
+    assert unpack_hits(float("nan"), 16) is None
+
+
+def test_dip_successive_floor_for_turnover():
+    # A flat curve with 2-point noise between evaluations: its drops exceed the bootstrap
+    # margin of 2.1 points but not 3 times the spread of successive differences.
+    top1 = list(50.0 + 2.0 * np.random.default_rng(2).standard_normal(12))
+    evals = bootstrap_frame(top1, [0.5] * len(top1))
+    assert len(find_dips(evals)) == 4
+    assert find_dips(evals, successive_noise=True) == []
+    deep = bootstrap_frame([*top1, 30.0], [0.5] * (len(top1) + 1))
+    (dip,) = find_dips(deep, successive_noise=True)
+    assert dip.margin_source == "successive"
+    assert dip.bottom_top1 == 30.0

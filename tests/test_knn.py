@@ -81,3 +81,12 @@ def test_knn_empty_bank_raises():
         weighted_knn(
             torch.empty(0, 2), torch.empty(0, dtype=torch.long), _unit([1, 0]), torch.tensor([0]), 2
         )
+
+
+def test_knn_correct_mask_per_query():
+    bank = _unit([1, 0], [0, 1])
+    queries = _unit([1, 0.1], [0.1, 1], [1, 0.2])
+    result = weighted_knn(bank, torch.tensor([0, 1]), queries, torch.tensor([0, 0, 0]), 2, k=1)
+    assert result.correct.dtype == torch.bool
+    assert result.correct.tolist() == [True, False, True]
+    assert result.top1 == pytest.approx(100 * 2 / 3)

@@ -514,3 +514,88 @@ def test_seed_pairing_needs_same_recipe(tmp_path):
     markdown = (write_report([learned, frozen], tmp_path / "out") / "report.md").read_text()
     assert "Not paired: seed 0, whose learned and frozen runs also differ in model" in markdown
     assert "mean over seeds" not in markdown
+
+
+# Diagnosis: verdicts, lag, attribution and the arm comparison
+
+
+def test_report_verdict_table_rows(pair_report):
+    markdown = (pair_report / "report.md").read_text(encoding="utf-8")
+    learned, frozen = markdown_table(markdown, "Verdicts")
+    assert learned[:3] == [r"learned\_s0", "learned", "recovered dips"]
+    assert "1 dip(s), all recovered" in learned[3]
+    assert "deepest dip 12.00 pts" in learned[3]
+    assert learned[4:] == ["none", "n/a", "n/a"]
+    assert frozen[2] == "recovered dips"
+
+
+def test_report_lag_table_planted_delay(pair_report):
+    markdown = (pair_report / "report.md").read_text(encoding="utf-8")
+    rows = markdown_table(markdown, "First-layer to last-layer lag, in steps")
+    learned = rows[0]
+    assert learned[:4] == [
+        r"learned\_s0",
+        r"grad\_norm\[patch\_embed\]",
+        r"grad\_norm\[blocks.02\]",
+        "1",
+    ]
+    assert learned[4:6] == ["1", "3.0"]
+    assert learned[8] == "3"
+    frozen = next(row for row in rows if row[0] == r"frozen\_s0")
+    assert frozen[1] == r"token\_grad\_norm"
+    assert frozen[5] == "3.0"
+
+
+def test_report_attribution_table_first_series(pair_report):
+    markdown = (pair_report / "report.md").read_text(encoding="utf-8")
+    (row,) = markdown_table(markdown, "Gradient spikes before each dip")
+    assert row[:5] == ["350", "300", "200 to 349", r"grad\_norm\[patch\_embed\]", "300"]
+    assert row[5].startswith(r"grad\_norm\[patch\_embed\], token\_grad\_norm")
+    assert row[6] == "4"
+
+
+def test_report_events_json_has_diagnosis(pair_report):
+    learned, frozen = read_events(pair_report)["runs"]
+    assert learned["verdict"]["verdict"] == "recovered dips"
+    assert learned["lag"]["source"] == "grad_norm[patch_embed]"
+    assert learned["lag"]["delays"] == [3]
+    assert frozen["lag"]["source"] == "token_grad_norm"
+    assert learned["attributions"][0]["first_series"] == "grad_norm[patch_embed]"
+    assert learned["sanity"]["feature_dim"] == 192
+    assert read_events(pair_report)["detector_params"]["lag"]["max_lag"] == 50
+
+
+def test_report_arm_spread_over_two_seeds(tmp_path):
+    runs = [
+        make_run(tmp_path / "l0", frozen=False, seed=0, final_top1=50.0, tables=EVALS_ONLY),
+        make_run(tmp_path / "f0", frozen=True, seed=0, final_top1=52.0, tables=EVALS_ONLY),
+        make_run(tmp_path / "l1", frozen=False, seed=1, final_top1=50.0, tables=EVALS_ONLY),
+        make_run(tmp_path / "f1", frozen=True, seed=1, final_top1=51.0, tables=EVALS_ONLY),
+    ]
+    markdown = (write_report(runs, tmp_path / "out") / "report.md").read_text(encoding="utf-8")
+    final, _ = markdown_table(markdown, "Frozen minus learned over seeds, kNN top-1 in points")
+    assert final[1] == "0: +2.00, 1: +1.00"
+    assert final[2:5] == ["+1.50", "0.71", "2"]
+    # t(0.975, 1) = 12.706, so the half width is 12.706 * 0.7071 / sqrt(2) = 6.35.
+    assert final[5] == "-4.85 to +7.85"
+    per_seed = markdown_table(markdown, "Both arms per seed")
+    assert [row[0] for row in per_seed] == ["0", "1"]
+    assert per_seed[0][9:] == ["recovered dips", "recovered dips"]
+    learned, frozen = markdown_table(markdown, "Per arm, over the paired runs")
+    assert learned[:3] == ["learned", "2", "2"]
+    assert frozen[:3] == ["frozen", "2", "2"]
+
+
+def test_report_hidden_cost_stable_twin(tmp_path):
+    learned = make_run(tmp_path / "learned_s0", frozen=False, final_top1=58.0)
+    frozen = make_run(tmp_path / "frozen_s0", frozen=True, tables=("steps", "layers"))
+    smooth = evals_frame(61.0)
+    smooth["knn_top1"] = np.linspace(10.0, 61.0, len(smooth))
+    RunWriter(frozen).append("evals", smooth)
+    markdown = (write_report([learned, frozen], tmp_path / "out") / "report.md").read_text()
+    learned_row, frozen_row = markdown_table(markdown, "Verdicts")
+    assert frozen_row[2] == "stable"
+    assert learned_row[4] == r"frozen\_s0"
+    assert learned_row[5] == "+3.00"
+    assert learned_row[6] == "+3.00"
+    assert frozen_row[4:] == ["none", "n/a", "n/a"]

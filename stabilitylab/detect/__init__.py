@@ -18,43 +18,67 @@ from typing import Any
 
 import pandas as pd
 
+from stabilitylab.detect.attribution import AttributionParams, DipAttribution, attribute_dips
+from stabilitylab.detect.cooccur import CoOccurrenceParams, filter_co_occurring
 from stabilitylab.detect.dips import Dip, DipParams, dip_margin, find_dips
+from stabilitylab.detect.faults import FaultMatch, match_planted_faults, planted_faults_from_plan
+from stabilitylab.detect.lag import LagParams, LagStats, lag_statistics
+from stabilitylab.detect.sanity import SanityParams, SanityReport, check_sanity
 from stabilitylab.detect.spikes import (
+    SPIKE_PRESETS,
     SpikeEvent,
     SpikeParams,
     clean_series,
     find_spikes,
     score_spikes,
+    spike_preset,
 )
+from stabilitylab.detect.verdict import RunVerdict, judge_run
 from stabilitylab.runs import Run
 
 __all__ = [
+    "AttributionParams",
+    "CoOccurrenceParams",
     "DetectorParams",
     "Dip",
+    "DipAttribution",
     "DipParams",
+    "FaultMatch",
     "GRAD_NORM",
+    "HEAD_LAYERS",
     "LOSS",
+    "LagParams",
+    "LagStats",
     "PATCH_EMBED",
     "RunEvents",
+    "RunVerdict",
+    "SPIKE_PRESETS",
+    "SanityParams",
+    "SanityReport",
     "SpikeEvent",
     "SpikeParams",
     "TOKEN_GRAD_NORM",
     "clean_series",
     "detect_run",
     "dip_margin",
+    "filter_co_occurring",
     "find_dips",
     "find_spikes",
+    "gradient_series_order",
     "layer_grad_norms",
     "layer_series_name",
     "score_spikes",
     "select_first_layer",
     "select_last_block",
+    "spike_preset",
 ]
 
 LOSS = "loss"
 GRAD_NORM = "grad_norm"
 TOKEN_GRAD_NORM = "token_grad_norm"
 PATCH_EMBED = "patch_embed"
+# Layer groups after the last block, measured as extra lag targets besides the last block.
+HEAD_LAYERS = ("norm", "projector", "predictor")
 ACCURACY = "knn_top1"
 
 _BLOCK_NAME = re.compile(r"^blocks\.(\d+)$")
@@ -73,12 +97,20 @@ class DetectorParams:
     grad_spikes: SpikeParams = field(default_factory=SpikeParams)
     loss_spikes: SpikeParams = field(default_factory=_default_loss_params)
     dips: DipParams = field(default_factory=DipParams)
+    co_occurrence: CoOccurrenceParams = field(default_factory=CoOccurrenceParams)
+    lag: LagParams = field(default_factory=LagParams)
+    attribution: AttributionParams = field(default_factory=AttributionParams)
+    sanity: SanityParams = field(default_factory=SanityParams)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "grad_spikes": self.grad_spikes.to_dict(),
             "loss_spikes": self.loss_spikes.to_dict(),
             "dips": self.dips.to_dict(),
+            "co_occurrence": self.co_occurrence.to_dict(),
+            "lag": self.lag.to_dict(),
+            "attribution": self.attribution.to_dict(),
+            "sanity": self.sanity.to_dict(),
         }
 
 
@@ -90,6 +122,14 @@ class RunEvents:
     ``grad_norm[patch_embed]`` when the patch projection has a gradient, otherwise
     ``token_grad_norm``, which exists in both arms. ``last_layer`` is the key of the last
     transformer block's gradient norm, or None when the run has no ``blocks.NN`` group.
+
+    ``lag`` runs from the first layer to the last block (None without a last block), and
+    ``head_lags`` from the first layer to each of :data:`HEAD_LAYERS` that the run has.
+    ``attributions`` has one entry per dip, in the order of ``dips``.
+    ``planted_faults`` has one entry per fault planted with ``--inject-spike`` or
+    ``--lr-spike``, matched to ``spikes`` as :mod:`stabilitylab.detect.faults` describes.
+    ``dense_dips`` are the dips of the dense kNN monitor's top-1 (the ``dense_knn`` table),
+    empty when it did not run; the verdict uses ``dips``, from the validation split.
     """
 
     run_name: str
@@ -99,6 +139,13 @@ class RunEvents:
     last_layer: str | None
     spikes: dict[str, list[SpikeEvent]]
     dips: list[Dip]
+    lag: LagStats | None = None
+    head_lags: list[LagStats] = field(default_factory=list)
+    attributions: list[DipAttribution] = field(default_factory=list)
+    sanity: SanityReport | None = None
+    verdict: RunVerdict | None = None
+    planted_faults: list[FaultMatch] = field(default_factory=list)
+    dense_dips: list[Dip] = field(default_factory=list)
 
     def spikes_on(self, series: str | None) -> list[SpikeEvent]:
         """Return the spikes of one series, or an empty list for an unknown or None key."""
@@ -118,6 +165,13 @@ class RunEvents:
                 for series, events in self.spikes.items()
             },
             "dips": [dip.to_dict() for dip in self.dips],
+            "lag": self.lag.to_dict() if self.lag is not None else None,
+            "head_lags": [lag.to_dict() for lag in self.head_lags],
+            "attributions": [attribution.to_dict() for attribution in self.attributions],
+            "sanity": self.sanity.to_dict() if self.sanity is not None else None,
+            "verdict": self.verdict.to_dict() if self.verdict is not None else None,
+            "planted_faults": [match.to_dict() for match in self.planted_faults],
+            "dense_dips": [dip.to_dict() for dip in self.dense_dips],
         }
 
 
@@ -176,6 +230,22 @@ def select_last_block(
     return layer_series_name(last), layers[last]
 
 
+def gradient_series_order(layer_names: list[str]) -> list[str]:
+    """Return the gradient series keys in the order data flows through the model.
+
+    ``token_grad_norm`` sits just before the first ``blocks.NN`` group, since it is the
+    gradient at that block's input, and the total ``grad_norm`` comes last.
+    """
+    keys = [layer_series_name(name) for name in layer_names]
+    first_block = next(
+        (position for position, name in enumerate(layer_names) if _BLOCK_NAME.match(name)),
+        len(layer_names),
+    )
+    keys.insert(first_block, TOKEN_GRAD_NORM)
+    keys.append(GRAD_NORM)
+    return keys
+
+
 def detect_run(run: Run, params: DetectorParams | None = None) -> RunEvents:
     """Run every detector on ``run``: spikes on the loss, the total and token gradient norms
     and each layer's gradient norm, and dips on kNN top-1 accuracy.
@@ -194,8 +264,42 @@ def detect_run(run: Run, params: DetectorParams | None = None) -> RunEvents:
     for layer, values in layers.items():
         key = layer_series_name(layer)
         spikes[key] = find_spikes(values, params.grad_spikes, name=key)
-    first_layer, _ = select_first_layer(run, layers)
-    last_layer, _ = select_last_block(run, layers)
+    # The co-occurrence filter compares gradient series only: the loss is kept as found.
+    spikes.update(
+        filter_co_occurring(
+            {series: events for series, events in spikes.items() if series != LOSS},
+            params.co_occurrence,
+        )
+    )
+    first_layer, first_values = select_first_layer(run, layers)
+    last_layer, last_values = select_last_block(run, layers)
+    dips = find_dips(run.evals, params.dips, column=ACCURACY)
+    gradient_spikes = {series: events for series, events in spikes.items() if series != LOSS}
+    sanity = check_sanity(run, params.sanity)
+    lag = None
+    if last_layer is not None:
+        lag = lag_statistics(
+            first_layer,
+            first_values,
+            spikes.get(first_layer, []),
+            last_layer,
+            last_values,
+            spikes[last_layer],
+            params.lag,
+        )
+    head_lags = [
+        lag_statistics(
+            first_layer,
+            first_values,
+            spikes.get(first_layer, []),
+            layer_series_name(head),
+            layers[head],
+            spikes[layer_series_name(head)],
+            params.lag,
+        )
+        for head in HEAD_LAYERS
+        if head in layers and not clean_series(layers[head]).empty
+    ]
     return RunEvents(
         run_name=run.name,
         run_path=str(run.path),
@@ -203,7 +307,22 @@ def detect_run(run: Run, params: DetectorParams | None = None) -> RunEvents:
         first_layer=first_layer,
         last_layer=last_layer,
         spikes=spikes,
-        dips=find_dips(run.evals, params.dips, column=ACCURACY),
+        dips=dips,
+        lag=lag,
+        head_lags=head_lags,
+        attributions=attribute_dips(
+            dips,
+            run.evals,
+            gradient_spikes,
+            gradient_series_order(list(layers)),
+            params.attribution,
+        ),
+        sanity=sanity,
+        verdict=judge_run(run, dips, sanity, params.dips),
+        planted_faults=match_planted_faults(
+            planted_faults_from_plan(run.derived.get("faults")), spikes, run.steps["step"]
+        ).faults,
+        dense_dips=find_dips(run.dense_knn, params.dips, column=ACCURACY, successive_noise=True),
     )
 
 

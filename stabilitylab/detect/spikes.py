@@ -1,25 +1,35 @@
 """Spike detection on a per-step series such as a gradient norm or the loss.
 
-A value is a spike when its log is far above a trailing baseline of the values before it:
+A value is a spike when its log is far above a trailing baseline of the values before it,
+``z = (log x - centre) / scale >= z_threshold``, and the value is at least ``min_ratio``
+times ``exp(centre)``. Logs are used because gradient norms vary over orders of magnitude
+and spike multiplicatively. Only upward deviations count. Three rules set the baseline
+(see :mod:`stabilitylab.detect.baselines`):
 
-    z = 0.6745 * (log x - median) / MAD
+- ``robust`` (default): median and MAD over a trailing window, ``z = 0.6745 (log x -
+  median) / MAD``, which a minority of outliers in the window barely moves;
+- ``mean_std``: mean and standard deviation over a trailing window, the rule of OLMo 2's
+  spike score (7 sigma over the last 1000 values) and of OLMo-core's skip-step optimizers
+  (6 sigma over the last 128 values);
+- ``ema``: exponential moving averages of the mean and variance, as ZClip tracks the
+  gradient norm (z above 2.5 with ``alpha`` 0.97 by default there).
 
-where ``median`` and ``MAD`` come from the ``window`` recorded values strictly before ``x``.
-The factor 0.6745 makes z comparable to a Gaussian z-score, because the MAD of a normal
-distribution is 0.6745 standard deviations. Logs are used because gradient norms vary
-over orders of magnitude and spike multiplicatively. Only upward deviations count.
+Even a robust baseline moves under a long burst of outliers. The detector therefore runs
+several passes: each pass masks the values flagged by the previous one and recomputes the
+baseline, so a spike does not raise the threshold for another spike soon after it. Masked
+values update no rule's baseline, the EMA included.
 
-The baseline is robust, but a long burst of outliers still moves it. The detector therefore
-runs several passes: each pass masks the values flagged by the previous one and recomputes
-the baseline, so a spike does not raise the threshold for another spike soon after it.
+``persistence`` then keeps only the runs of at least that many consecutive flagged values,
+so one-value blips can be ignored. They stay masked out of the baseline either way.
 
 NOTE: a lasting rise of the level by more than ``min_ratio`` is not a spike, but it is
-reported as one event that lasts until the baseline catches up. With the defaults, a step
-up by 3x on 10 % noise gives one event of about 0.75 * window values.
+reported as one event that lasts until the baseline catches up. With the robust defaults, a
+step up by 3x on 10 % noise gives one event of about 0.75 * window values.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -27,38 +37,83 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stabilitylab.detect.baselines import (
+    MAD_TO_SIGMA,
+    RULES,
+    WINDOWED_RULES,
+    trailing_baseline,
+    update_baseline,
+)
+from stabilitylab.detect.intervals import run_lengths, runs_of_true
 from stabilitylab.errors import ConfigError
 
-# MAD of a standard normal distribution, so that z is in units of standard deviations.
-MAD_TO_SIGMA = 0.6745
+__all__ = [
+    "MAD_TO_SIGMA",
+    "NON_ROBUST_PASSES",
+    "RULES",
+    "SCORE_COLUMNS",
+    "SPIKE_PRESETS",
+    "SpikeEvent",
+    "SpikeParams",
+    "clean_series",
+    "find_spikes",
+    "group_spike_events",
+    "runs_of_true",
+    "score_spikes",
+    "spike_preset",
+]
 
-SCORE_COLUMNS = ("value", "baseline", "ratio", "z", "spike")
+SCORE_COLUMNS = ("value", "baseline", "ratio", "z", "outlier", "spike")
 
 
 @dataclass(frozen=True)
 class SpikeParams:
     """Parameters of the spike detector.
 
-    ``window`` and ``min_periods`` count recorded finite values, which are steps when the
-    series has one value per step. A value needs ``min_periods`` earlier values for its
-    median and as many earlier deviations for its MAD, so the first ``2 * min_periods``
-    values of a series are never flagged.
+    ``rule`` is one of :data:`RULES`. ``window`` and ``min_periods`` count recorded finite
+    values, which are steps when the series has one value per step. The ``ema`` rule has no
+    window: ``alpha`` is the weight of the previous average there, so its memory is about
+    ``1 / (1 - alpha)`` values, and ``window`` is ignored. ``min_periods`` is the history a
+    value needs before it can be flagged. The robust rule needs that many earlier values for
+    its median and as many earlier deviations for its MAD, so its first ``2 * min_periods``
+    values are never flagged, and the other rules' first ``min_periods`` values.
     """
 
+    rule: str = "robust"
     window: int = 100
     min_periods: int = 20
-    z_threshold: float = 6.0
-    # Minimum of value / baseline median, so that a tiny MAD cannot turn noise into spikes.
+    # Standard deviations above the baseline: robust z, the k of mean + k sigma, or EMA z.
+    # 4 comes from benchmarks/planted_faults.py on digits runs (docs/benchmarks.md): the
+    # calibration gives 3.25 for at most 0.5 false alarms per 1,000 steps on 8 healthy runs,
+    # and at 4 those runs have none while 29 of 30 planted gradient faults of factor 10 or
+    # more are found (25 of 30 at the earlier default of 6). Gaussian log noise exceeds z 4
+    # with probability 3e-5 per value, about 0.4 false alarms per 1,000 steps over 12 series
+    # where min_ratio does not bind; heavier tails need a calibration of their own.
+    z_threshold: float = 4.0
+    # Minimum of value / exp(baseline centre), so that a tiny scale cannot turn noise into spikes.
     min_ratio: float = 2.0
-    # Number of baseline computations. With 1, earlier outliers stay in the baseline.
+    # Maximum number of baseline computations. With 1, earlier outliers stay in the baseline.
+    # The non-robust rules need more for long bursts, see NON_ROBUST_PASSES.
     passes: int = 3
+    # Weight of the previous average in the ema rule, as ZClip's alpha.
+    alpha: float = 0.97
+    # Minimum number of consecutive flagged values that make an event.
+    persistence: int = 1
 
     def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ConfigError(
+                f"invalid spike rule {self.rule!r}: expected one of {', '.join(RULES)}"
+            )
         if self.window < 2:
             raise ConfigError(f"invalid spike window {self.window}: expected at least 2 values")
-        if not 1 <= self.min_periods <= self.window:
+        if self.min_periods < 1:
             raise ConfigError(
-                f"invalid spike min_periods {self.min_periods}: expected 1 to the window "
+                f"invalid spike min_periods {self.min_periods}: expected at least 1 value"
+            )
+        if self.rule in WINDOWED_RULES and self.min_periods > self.window:
+            raise ConfigError(
+                f"invalid spike min_periods {self.min_periods}: expected at most the window "
                 f"size ({self.window})"
             )
         if not self.z_threshold > 0:
@@ -67,18 +122,61 @@ class SpikeParams:
             raise ConfigError(f"invalid spike min_ratio {self.min_ratio}: expected >= 1")
         if self.passes < 1:
             raise ConfigError(f"invalid spike passes {self.passes}: expected >= 1")
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"invalid spike alpha {self.alpha}: expected between 0 and 1")
+        if self.persistence < 1:
+            raise ConfigError(
+                f"invalid spike persistence {self.persistence}: expected at least 1 value"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# A mean and a standard deviation are not robust, because each outlier left in the baseline
+# inflates the deviation. One pass therefore masks only the first few values of a burst, and
+# each further pass a few more. On 10 % log-normal noise a burst of 30 values at 20x needed
+# 10 passes with olmo-core's 128-value window and 7 with the zclip EMA, and a burst of 60
+# values 21 and 12. Passes stop once the flags no longer change, and each pass of these rules
+# is one linear pandas computation, so the presets allow many.
+NON_ROBUST_PASSES = 25
+
+# Named settings of detectors used in practice, all on log values with the outlier masking
+# and min_ratio of this detector. min_periods 25 for zclip is ZClip's warm-up length.
+SPIKE_PRESETS: dict[str, SpikeParams] = {
+    "robust": SpikeParams(),
+    "olmo2": SpikeParams(rule="mean_std", window=1000, z_threshold=7.0, passes=NON_ROBUST_PASSES),
+    "olmo-core": SpikeParams(
+        rule="mean_std", window=128, z_threshold=6.0, passes=NON_ROBUST_PASSES
+    ),
+    "zclip": SpikeParams(
+        rule="ema", z_threshold=2.5, alpha=0.97, min_periods=25, passes=NON_ROBUST_PASSES
+    ),
+}
+
+
+def spike_preset(name: str, **overrides: Any) -> SpikeParams:
+    """Return the spike parameters of preset ``name``, with ``overrides`` replacing fields.
+
+    Raises ConfigError for an unknown name, listing the presets, or for an invalid override.
+    """
+    try:
+        params = SPIKE_PRESETS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown spike preset {name!r}: expected one of {', '.join(SPIKE_PRESETS)}"
+        ) from None
+    return dataclasses.replace(params, **overrides) if overrides else params
 
 
 @dataclass(frozen=True)
 class SpikeEvent:
     """One spike: a run of consecutive flagged values of one series.
 
-    ``baseline`` is the trailing median at the peak, in the units of the series, and
-    ``ratio`` is ``peak_value / baseline``. ``z`` is infinite when the baseline MAD is
-    zero. ``duration_steps`` counts both ends, so a single flagged step lasts 1 step.
+    ``baseline`` is the exponentiated centre of the rule's baseline at the peak (the trailing
+    median, mean or EMA of the log values), in the units of the series, and ``ratio`` is
+    ``peak_value / baseline``. ``z`` is infinite when the baseline scale is zero.
+    ``duration_steps`` counts both ends, so a single flagged step lasts 1 step.
     """
 
     series: str
@@ -116,30 +214,33 @@ def score_spikes(series: pd.Series, params: SpikeParams | None = None) -> pd.Dat
     """Score every usable value of ``series`` (indexed by step) against its trailing baseline.
 
     Returns one row per finite positive value, indexed by step, with the columns
-    :data:`SCORE_COLUMNS`: the value, the baseline median, ``value / baseline``, the robust
-    z-score and whether the value is a spike. Values without enough history have a NaN
-    baseline and are never spikes.
+    :data:`SCORE_COLUMNS`: the value, the baseline ``exp(centre)``, ``value / baseline``, the
+    z-score, whether the value is an outlier (above both thresholds, and so masked out of
+    later baselines) and whether it is a spike (an outlier in a run of at least
+    ``persistence`` consecutive outliers). Values without enough history have a NaN
+    baseline and are never outliers.
     """
     params = params or SpikeParams()
     values = clean_series(series)
     log_values = np.log(values)
     masked = np.zeros(len(values), dtype=bool)
-    median, mad = _trailing_baseline(log_values, masked, params)
-    z, ratio, flagged = _flag_spikes(log_values, median, mad, params)
+    centre, scale = trailing_baseline(log_values, masked, params)
+    z, ratio, flagged = _flag_outliers(log_values, centre, scale, params)
     for _ in range(params.passes - 1):
         changed = flagged != masked
         if not changed.any():
             break
         masked = flagged
-        _update_baseline(log_values, masked, changed, median, mad, params)
-        z, ratio, flagged = _flag_spikes(log_values, median, mad, params)
+        update_baseline(log_values, masked, changed, centre, scale, params)
+        z, ratio, flagged = _flag_outliers(log_values, centre, scale, params)
     scores = pd.DataFrame(
         {
             "value": values.to_numpy(),
-            "baseline": np.exp(median),
+            "baseline": np.exp(centre),
             "ratio": ratio,
             "z": z,
-            "spike": flagged,
+            "outlier": flagged,
+            "spike": flagged & (run_lengths(flagged) >= params.persistence),
         },
         index=values.index,
     )
@@ -147,71 +248,16 @@ def score_spikes(series: pd.Series, params: SpikeParams | None = None) -> pd.Dat
     return scores
 
 
-def _trailing_baseline(
-    log_values: pd.Series, masked: np.ndarray, params: SpikeParams
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return the median and MAD of the ``window`` log values strictly before each value.
-
-    Masked values are left out of both. The MAD of a value is the median, over the window,
-    of each earlier value's absolute deviation from its own trailing median. This differs
-    from the MAD around the current median but needs only vectorised rolling medians, and
-    it follows a slow trend the same way the median does.
-    """
-    history = log_values.where(~masked)
-    median = history.rolling(params.window, min_periods=params.min_periods).median().shift(1)
-    deviation = (history - median).abs()
-    mad = deviation.rolling(params.window, min_periods=params.min_periods).median().shift(1)
-    return median.to_numpy(copy=True), mad.to_numpy(copy=True)
-
-
-def _update_baseline(
-    log_values: pd.Series,
-    masked: np.ndarray,
-    changed: np.ndarray,
-    median: np.ndarray,
-    mad: np.ndarray,
-    params: SpikeParams,
-) -> None:
-    """Recompute ``median`` and ``mad`` in place where a change of the mask reaches them.
-
-    The median at position t reads positions t - window to t - 1. The MAD reads deviations
-    that each read a window before them, so a mask change at p affects positions p + 1 to
-    p + 2 * window only. Recomputing those stretches alone, each from a slice that starts
-    2 * window earlier, gives the same values as a full pass and costs far less when
-    outliers are sparse.
-    """
-    reach = 2 * params.window
-    count = len(log_values)
-    marks = np.zeros(count + 1, dtype="int64")
-    changed_positions = np.flatnonzero(changed)
-    np.add.at(marks, np.minimum(changed_positions + 1, count), 1)
-    np.add.at(marks, np.minimum(changed_positions + reach + 1, count), -1)
-    affected = np.cumsum(marks[:count]) > 0
-    for start, end in runs_of_true(affected):
-        first = max(0, start - reach)
-        segment_median, segment_mad = _trailing_baseline(
-            log_values.iloc[first : end + 1], masked[first : end + 1], params
-        )
-        median[start : end + 1] = segment_median[start - first :]
-        mad[start : end + 1] = segment_mad[start - first :]
-
-
-def _flag_spikes(
-    log_values: pd.Series, median: np.ndarray, mad: np.ndarray, params: SpikeParams
+def _flag_outliers(
+    log_values: pd.Series, centre: np.ndarray, scale: np.ndarray, params: SpikeParams
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return the z-score, the ratio to the baseline and the spike flag of every value."""
-    z, ratio = _robust_scores(log_values, median, mad)
+    """Return the z-score, the ratio to the baseline and the outlier flag of every value."""
+    excess = log_values.to_numpy() - centre
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = excess / scale
+    ratio = np.exp(excess)
     flagged = (z >= params.z_threshold) & (ratio >= params.min_ratio)
     return z, ratio, flagged
-
-
-def _robust_scores(
-    log_values: pd.Series, median: np.ndarray, mad: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    excess = log_values.to_numpy() - median
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = MAD_TO_SIGMA * excess / mad
-    return z, np.exp(excess)
 
 
 def find_spikes(
@@ -229,7 +275,7 @@ def find_spikes(
 
 
 def group_spike_events(scores: pd.DataFrame, series_name: str) -> list[SpikeEvent]:
-    """Merge runs of consecutive flagged rows of :func:`score_spikes` output into events."""
+    """Merge runs of consecutive ``spike`` rows of :func:`score_spikes` output into events."""
     flagged = scores["spike"].to_numpy(dtype=bool)
     if not flagged.any():
         return []
@@ -256,12 +302,3 @@ def group_spike_events(scores: pd.DataFrame, series_name: str) -> list[SpikeEven
             )
         )
     return events
-
-
-def runs_of_true(flags: np.ndarray) -> list[tuple[int, int]]:
-    """Return the first and last position of each run of consecutive True values."""
-    padded = np.concatenate(([False], flags, [False])).astype("int8")
-    changes = np.diff(padded)
-    starts = np.flatnonzero(changes == 1)
-    ends = np.flatnonzero(changes == -1) - 1
-    return list(zip(starts.tolist(), ends.tolist(), strict=True))

@@ -71,14 +71,27 @@ class MoCoV3(nn.Module):
         return projector(backbone.forward_head(tokens, pre_logits=True))
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
-        query1 = self.predictor(self._encode(self.backbone, self.projector, view1))
+        return self.loss_and_features(view1, view2)[0]
+
+    def loss_and_features(
+        self, view1: torch.Tensor, view2: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the loss and the detached pooled online features of ``view1`` (B, embed_dim).
+
+        The features are the ones the loss already computes, the same as :meth:`features`
+        gives for ``view1``, in the autocast dtype, so the dense kNN queue needs no extra
+        forward pass.
+        """
+        pooled1 = self.backbone.forward_head(self.backbone.forward_features(view1), pre_logits=True)
+        query1 = self.predictor(self.projector(pooled1))
         query2 = self.predictor(self._encode(self.backbone, self.projector, view2))
         with torch.no_grad():
             key1 = self._encode(self.momentum_backbone, self.momentum_projector, view1)
             key2 = self._encode(self.momentum_backbone, self.momentum_projector, view2)
-        return contrastive_loss(query1, key2, self.temperature) + contrastive_loss(
+        loss = contrastive_loss(query1, key2, self.temperature) + contrastive_loss(
             query2, key1, self.temperature
         )
+        return loss, pooled1.detach()
 
     @torch.no_grad()
     def update_momentum_encoder(self, momentum: float) -> None:

@@ -5,6 +5,7 @@
 - ``report.html``: a self-contained page, with figures embedded as base64 PNG data URIs;
 - ``report.md``: the same tables, with image links to the PNG files;
 - ``knn_top1.png``, ``loss.png``, ``grad_first_last.png`` and ``grad_heatmap.png``;
+- for a sweep folder also ``sweep_knn_top1.png`` and ``sweep_dips.png``;
 - ``events.json``: every detected event of every run and the detector parameters.
 
 Everything is computed in memory before the first file is written, and each file is written
@@ -29,6 +30,7 @@ from stabilitylab.report.figures import render_figures
 from stabilitylab.report.html import render_html
 from stabilitylab.report.markdown import render_markdown
 from stabilitylab.report.summary import run_labels
+from stabilitylab.report.sweep import build_sweep_report, load_report_sweep
 from stabilitylab.runs import CONFIG_FILE, is_report_dir, make_dir, read_run
 
 __all__ = ["EVENTS_FILE", "HTML_FILE", "MARKDOWN_FILE", "REPORT_DIR_NAME", "write_report"]
@@ -50,7 +52,10 @@ def write_report(
 ) -> Path:
     """Write the stability report for ``run_paths`` and return the report folder.
 
-    The default folder is ``RUN_DIR/report`` for one run. For several runs it is ``report``
+    A single folder that contains ``sweep.json`` is a sweep: the report covers its grid
+    points' runs and adds the sweep sections, and events.json gains a ``sweep`` key.
+
+    The default folder is ``RUN_DIR/report`` for one run or sweep. For several runs it is ``report``
     in the folder that contains the first run, so runs kept side by side share one report
     and a new comparison there replaces it. A path given twice is reported once.
 
@@ -60,13 +65,23 @@ def write_report(
     paths = unique_run_paths(run_paths)
     target = Path(out_dir) if out_dir is not None else default_report_dir(paths)
     check_report_dir(target)
+    # One sweep folder stands for the run folders of its grid points.
+    sweep = load_report_sweep(paths)
+    if sweep is not None:
+        paths = sweep.run_paths
     runs = [read_run(path) for path in paths]
     params = params or DetectorParams()
     events = [detect_run(run, params) for run in runs]
     labels = run_labels(runs)
     figures = render_figures(runs, events, labels)
-    content = build_report_content(runs, events, labels, figures, params)
+    extra = build_sweep_report(sweep, runs, events) if sweep is not None else None
+    content = build_report_content(
+        runs, events, labels, figures, params, extra_sections=extra.sections if extra else ()
+    )
     payload = events_payload(events, labels, params)
+    if extra is not None:
+        content.title = extra.title
+        payload["sweep"] = extra.payload
     write_report_files(target, content, payload)
     log.info("wrote the report on %d run(s) to %s", len(runs), target)
     return target

@@ -80,25 +80,30 @@ def plot_knn_top1(
     labels: Sequence[str],
     colors: Sequence[tuple[float, float, float]],
 ) -> FigureImage:
-    """Plot kNN top-1 against step for every run, with each dip shaded and its bottom marked."""
+    """Plot kNN top-1 against step for every run, with each dip shaded and its bottom marked.
+
+    Runs with a dense kNN monitor get a second, dashed line in the same colour, and the
+    bottoms of its dips are hollow triangles.
+    """
+    any_dense = any(not _dense_curve(run).empty for run in runs)
     with sns.axes_style("whitegrid"):
         figure, axes = _new_figure(1, row_height=SINGLE_HEIGHT_INCHES)
         ax = axes[0]
         plotted = False
         for run, run_events, label, color in zip(runs, events, labels, colors, strict=True):
             curve = knn_curve(run)
-            if curve.empty:
-                continue
-            plotted = True
-            ax.plot(
-                curve["step"],
-                curve["knn_top1"],
-                marker="o",
-                markersize=3,
-                color=color,
-                label=plain_text(label),
-            )
-            _mark_dips(ax, run_events, color)
+            if not curve.empty:
+                plotted = True
+                ax.plot(
+                    curve["step"],
+                    curve["knn_top1"],
+                    marker="o",
+                    markersize=3,
+                    color=color,
+                    label=plain_text(f"{label}, validation split" if any_dense else label),
+                )
+                _mark_dips(ax, run_events, color)
+            plotted |= _plot_dense_knn(ax, run, run_events, label, color)
         if plotted:
             ax.set_xlabel("step")
             ax.set_ylabel("kNN top-1 (%)")
@@ -108,13 +113,65 @@ def plot_knn_top1(
                     Patch(color="grey", alpha=0.2, label="dip"),
                     Line2D([], [], marker="v", linestyle="none", color="grey", label="dip bottom"),
                 ]
+            if any(run_events.dense_dips for run_events in events):
+                handles.append(
+                    Line2D(
+                        [],
+                        [],
+                        marker="v",
+                        markerfacecolor="none",
+                        linestyle="none",
+                        color="grey",
+                        label="dense-queue dip bottom",
+                    )
+                )
             ax.legend(handles=handles, **LEGEND_OUTSIDE)
         else:
             _mark_empty(ax, "No kNN evaluations recorded")
         ax.set_title("kNN top-1 accuracy")
         png = _to_png(figure)
     caption = "kNN top-1 accuracy; shaded spans are dips, from their start to their recovery."
+    if any_dense:
+        caption += (
+            " Dashed lines are the dense kNN monitor (validation images against a queue of "
+            "recent training features); hollow triangles mark the bottoms of its dips."
+        )
     return FigureImage(file_name=KNN_FILE, caption=caption, png=png)
+
+
+def _dense_curve(run: Run) -> pd.DataFrame:
+    """Return the dense kNN evaluations with a finite top-1, sorted by step."""
+    table = run.dense_knn
+    accuracy = pd.to_numeric(table["knn_top1"], errors="coerce").to_numpy(dtype="float64")
+    return table[np.isfinite(accuracy)].sort_values("step", kind="stable")
+
+
+def _plot_dense_knn(
+    ax: Axes, run: Run, run_events: RunEvents, label: str, color: tuple[float, float, float]
+) -> bool:
+    """Plot one run's dense kNN curve dashed and mark its dips; return whether it had any."""
+    curve = _dense_curve(run)
+    if curve.empty:
+        return False
+    ax.plot(
+        curve["step"],
+        curve["knn_top1"],
+        linestyle="--",
+        linewidth=1.0,
+        color=color,
+        label=plain_text(f"{label}, dense queue"),
+    )
+    for dip in run_events.dense_dips:
+        ax.plot(
+            dip.bottom_step,
+            dip.bottom_top1,
+            marker="v",
+            markersize=9,
+            markerfacecolor="none",
+            color=color,
+            linestyle="none",
+        )
+    return True
 
 
 def _mark_dips(ax: Axes, run_events: RunEvents, color: tuple[float, float, float]) -> None:

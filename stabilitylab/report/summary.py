@@ -9,6 +9,7 @@ import json
 import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -226,24 +227,29 @@ def _differing_keys(runs: Sequence[Run]) -> list[str]:
     ]
 
 
-def seed_comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table | None:
-    """Build the frozen-minus-learned table for runs that differ only in the arm.
+@dataclass(frozen=True)
+class ArmPair:
+    """The indices of the learned and the frozen run of one seed, and the seed as text."""
+
+    seed: str
+    learned: int
+    frozen: int
+
+
+def pair_arms(runs: Sequence[Run]) -> tuple[list[ArmPair], list[str]]:
+    """Pair runs that differ only in the arm, and describe the seeds left unpaired.
 
     Two runs are paired when their configurations are equal, seed included, except for
-    ``freeze_patch_embed`` and the settings in :data:`PAIRING_IGNORED`. Returns None when no
-    pair exists and nothing needs explaining. A recipe with several runs of one arm, and a
-    seed whose two arms differ in other settings, are left out and named in the note,
-    because pairing them would be a guess. The table may therefore have a note and no rows.
+    ``freeze_patch_embed`` and the settings in :data:`PAIRING_IGNORED`. A recipe with several
+    runs of one arm, and a seed whose two arms differ in other settings, are left out,
+    because pairing them would be a guess. Pairs are in seed order.
     """
     by_recipe: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for index, run in enumerate(runs):
         if run.config.get("seed") is not None:
             by_recipe[pairing_key(run)][run.arm].append(index)
-    rows = []
-    final_deltas = []
-    best_deltas = []
+    pairs = []
     unpaired = []
-    paired_seeds = set()
     for key in sorted(by_recipe, key=lambda k: json.loads(k).get("seed", 0)):
         arms = by_recipe[key]
         seed = format_config_value(json.loads(key).get("seed"))
@@ -254,17 +260,33 @@ def seed_comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table |
                 f"seed {seed} ({len(arms['learned'])} learned, {len(arms['frozen'])} frozen)"
             )
             continue
-        paired_seeds.add(seed)
-        learned, frozen = runs[arms["learned"][0]], runs[arms["frozen"][0]]
+        pairs.append(ArmPair(seed=seed, learned=arms["learned"][0], frozen=arms["frozen"][0]))
+    unpaired += _mismatched_seeds(runs, {pair.seed for pair in pairs})
+    return pairs, unpaired
+
+
+def seed_comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table | None:
+    """Build the frozen-minus-learned table for runs that differ only in the arm.
+
+    Runs are paired by :func:`pair_arms`. Returns None when no pair exists and nothing needs
+    explaining. Seeds left unpaired are named in the note, so the table may have a note and
+    no rows.
+    """
+    pairs, unpaired = pair_arms(runs)
+    rows = []
+    final_deltas = []
+    best_deltas = []
+    for pair in pairs:
+        learned, frozen = runs[pair.learned], runs[pair.frozen]
         final_delta = final_top1(frozen) - final_top1(learned)
         best_delta = best_top1(frozen) - best_top1(learned)
         final_deltas.append(final_delta)
         best_deltas.append(best_delta)
         rows.append(
             (
-                seed,
-                labels[arms["learned"][0]],
-                labels[arms["frozen"][0]],
+                pair.seed,
+                labels[pair.learned],
+                labels[pair.frozen],
                 format_number(final_top1(learned)),
                 format_number(final_top1(frozen)),
                 _format_delta(final_delta),
@@ -273,7 +295,6 @@ def seed_comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table |
                 _format_delta(best_delta),
             )
         )
-    unpaired += _mismatched_seeds(runs, paired_seeds)
     if not rows and not unpaired:
         return None
     if rows:
@@ -341,8 +362,9 @@ def _format_delta(value: float) -> str:
     return f"{value:+.2f}"
 
 
-def dips_table(events: RunEvents) -> Table:
-    """Build the table of every dip of one run."""
+def dips_table(events: RunEvents, dense: bool = False) -> Table:
+    """Build the table of every dip of one run, of the dense kNN monitor with ``dense``."""
+    dips = events.dense_dips if dense else events.dips
     rows = tuple(
         (
             str(dip.peak_step),
@@ -352,10 +374,11 @@ def dips_table(events: RunEvents) -> Table:
             format_number(dip.bottom_top1),
             format_number(dip.depth),
             format_number(dip.margin),
+            dip.margin_source,
             str(dip.recovery_step) if dip.recovery_step is not None else "not recovered",
             str(dip.duration_steps),
         )
-        for dip in events.dips
+        for dip in dips
     )
     columns = (
         "peak step",
@@ -365,10 +388,12 @@ def dips_table(events: RunEvents) -> Table:
         "bottom top-1",
         "depth (pts)",
         "margin (pts)",
+        "margin source",
         "recovery step",
         "duration (steps)",
     )
-    return Table(columns=columns, rows=rows, caption="kNN top-1 dips")
+    caption = "kNN top-1 dips of the dense queue monitor" if dense else "kNN top-1 dips"
+    return Table(columns=columns, rows=rows, caption=caption)
 
 
 def spikes_table(events: RunEvents, max_rows: int) -> Table:

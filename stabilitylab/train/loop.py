@@ -17,8 +17,10 @@ from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
+from probes.bootstrap import bootstrap_accuracy_se
 from probes.collapse import effective_rank, embedding_std
-from probes.knn import KnnResult, extract_features, weighted_knn
+from probes.dense import FeatureQueue, queue_feature_std, queue_knn
+from probes.knn import KnnResult, extract_features, pack_hits, weighted_knn
 from stabilitylab.config import Derived, RunConfig, derive
 from stabilitylab.data import DataBundle, build_data
 from stabilitylab.errors import TrainingError
@@ -147,6 +149,17 @@ class Trainer:
         self.run_dir = run_dir
         self.step = 0
         self.evals: list[KnnResult] = []
+        self.dense_queue = (
+            FeatureQueue(derived.dense_knn_size, self.model.backbone.embed_dim, device)
+            if derived.dense_knn_size > 0
+            else None
+        )
+        # (step, features, labels) of the validation queries last encoded, for reuse by the
+        # dense monitor at the same step.
+        self.query_features: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        # Dense kNN rows wait for the next flush, so a frequent monitor does not write a file
+        # per evaluation.
+        self.dense_rows: list[dict[str, float]] = []
         self.start_time = time.perf_counter()
 
     def _frozen_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -175,6 +188,9 @@ class Trainer:
         self.writer.write_status("running", step=0, total_steps=self.derived.total_steps)
 
     def flush(self) -> None:
+        if self.dense_rows:
+            self.writer.append("dense_knn", pd.DataFrame(self.dense_rows))
+            self.dense_rows = []
         result = self.recorder.flush()
         if result is None:
             return
@@ -201,6 +217,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "config": self.config.to_dict(),
         }
+        if self.dense_queue is not None:
+            state["dense_knn_queue"] = self.dense_queue.state_dict()
         save_checkpoint(self.run_dir / CHECKPOINT_FILE, state)
 
     # -- steps -----------------------------------------------------------------------------
@@ -213,7 +231,16 @@ class Trainer:
         view1, view2 = images
         return view1.to(self.device, non_blocking=True), view2.to(self.device, non_blocking=True)
 
-    def train_step(self, view1: torch.Tensor, view2: torch.Tensor, epoch: float) -> None:
+    def train_step(
+        self,
+        view1: torch.Tensor,
+        view2: torch.Tensor,
+        epoch: float,
+        labels: torch.Tensor | None = None,
+    ) -> None:
+        """Run one optimiser step; ``labels`` of the batch feed the dense kNN queue."""
+        if self.dense_queue is not None and labels is None:
+            raise ValueError("the dense kNN monitor is on, so train_step needs the batch labels")
         self.scheduler.step_update(num_updates=self.step)
         lr_factor = self.faults.lr_factor(self.step)
         if lr_factor != 1.0:
@@ -223,7 +250,9 @@ class Trainer:
         momentum = momentum_at(self.step, self.derived.total_steps, self.config.momentum)
 
         with self.autocast():
-            loss = self.model(view1, view2)
+            loss, features = self.model.loss_and_features(view1, view2)
+        if self.dense_queue is not None:
+            self.dense_queue.push(features, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
 
@@ -254,18 +283,9 @@ class Trainer:
         if bool(self.monitor.nonfinite):
             self.flush()
         started = time.perf_counter()
-        backbone = self.model.backbone
-        was_training = backbone.training
-        backbone.eval()
-        try:
-            bank, bank_labels = extract_features(
-                self.model.features, self.data.knn_bank, self.device, autocast=self.autocast
-            )
-            queries, query_labels = extract_features(
-                self.model.features, self.data.knn_query, self.device, autocast=self.autocast
-            )
-        finally:
-            backbone.train(was_training)
+        bank, bank_labels = self.encode(self.data.knn_bank)
+        queries, query_labels = self.encode(self.data.knn_query)
+        self.query_features = (self.step, queries, query_labels)
         result = weighted_knn(
             bank,
             bank_labels,
@@ -281,6 +301,8 @@ class Trainer:
                 "epoch": [self.step / self.derived.steps_per_epoch],
                 "knn_top1": [result.top1],
                 "knn_top5": [result.top5 if result.top5 is not None else float("nan")],
+                "knn_top1_se": [self.top1_standard_error(result)],
+                "knn_correct": [pack_hits(result.correct)],
                 "feature_std": [embedding_std(queries)],
                 "effective_rank": [effective_rank(queries)],
                 "n_bank": [result.n_bank],
@@ -290,6 +312,80 @@ class Trainer:
         )
         self.writer.append("evals", frame)
         self.evals.append(result)
+        return result
+
+    def encode(
+        self, dataset: Any, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the L2-normalised features and labels of ``dataset``, backbone in eval mode."""
+        backbone = self.model.backbone
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            return extract_features(
+                self.model.features,
+                dataset,
+                self.device,
+                autocast=self.autocast,
+                generator=generator,
+            )
+        finally:
+            backbone.train(was_training)
+
+    def top1_standard_error(self, result: KnnResult) -> float:
+        """Return the bootstrap standard error of ``result.top1`` in points, seeded by the step."""
+        return bootstrap_accuracy_se(result.correct, seed=self.step)
+
+    def dense_due(self) -> bool:
+        """Tell whether the dense kNN monitor evaluates after the current step."""
+        every = self.config.dense_knn_every
+        if self.dense_queue is None or self.step == 0:
+            return False
+        return self.step % every == 0 or self.step == self.derived.total_steps
+
+    def evaluate_dense(self) -> KnnResult | None:
+        """Classify the validation images against the dense kNN queue and keep the row.
+
+        Kept rows reach the ``dense_knn`` table at the next :meth:`flush`. Returns None,
+        keeping no row, while the queue contains fewer than ``knn_k`` features. The queries
+        encoded by :meth:`evaluate` at the same step are reused. Otherwise they are encoded
+        with a private generator, so the global random stream that draws the augmentations
+        is the same with the dense monitor on or off.
+        """
+        queue = self.dense_queue
+        if queue is None:
+            raise ValueError("the dense kNN monitor is off (dense_knn_every 0)")
+        if queue.filled < self.config.knn_k:
+            log.debug("step %d: dense kNN queue has %d features, skipped", self.step, queue.filled)
+            return None
+        if bool(self.monitor.nonfinite):
+            self.flush()
+        started = time.perf_counter()
+        if self.query_features is not None and self.query_features[0] == self.step:
+            _, queries, query_labels = self.query_features
+        else:
+            queries, query_labels = self.encode(self.data.knn_query, torch.Generator())
+        result = queue_knn(
+            queue,
+            queries,
+            query_labels,
+            self.data.num_classes,
+            k=self.config.knn_k,
+            temperature=self.config.knn_temperature,
+        )
+        self.dense_rows.append(
+            {
+                "step": self.step,
+                "epoch": self.step / self.derived.steps_per_epoch,
+                "knn_top1": result.top1,
+                "knn_top5": result.top5 if result.top5 is not None else float("nan"),
+                "knn_top1_se": self.top1_standard_error(result),
+                "feature_std": queue_feature_std(queue),
+                "n_bank": result.n_bank,
+                "n_query": result.n_query,
+                "eval_seconds": time.perf_counter() - started,
+            }
+        )
         return result
 
     def check_frozen(self) -> bool | None:
@@ -326,11 +422,16 @@ def _train_epochs(trainer: Trainer, progress: tqdm | None) -> None:
         loader = epoch_loader(trainer.data, config, epoch, trainer.device)
         for batch_index, batch in enumerate(loader):
             view1, view2 = trainer.views(batch)
-            trainer.train_step(view1, view2, epoch + batch_index / derived.steps_per_epoch)
+            labels = batch[1].to(trainer.device, non_blocking=True)
+            trainer.train_step(
+                view1, view2, epoch + batch_index / derived.steps_per_epoch, labels=labels
+            )
             if trainer.step % config.eval_every == 0 or trainer.step == derived.total_steps:
                 result = trainer.evaluate()
                 if progress is not None:
                     progress.set_postfix(knn_top1=f"{result.top1:.1f}", refresh=False)
+            if trainer.dense_due():
+                trainer.evaluate_dense()
             if trainer.recorder.due:
                 trainer.flush()
             if trainer.step % config.checkpoint_every == 0:
