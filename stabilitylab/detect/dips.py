@@ -202,13 +202,71 @@ def find_dips(
     there (about 1 in 8 runs of 12 evaluations at z 3, in a simulation).
     """
     params = params or DipParams()
-    if column not in evals.columns:
+    drawdowns = score_drawdowns(
+        evals,
+        params,
+        column,
+        se_column=se_column,
+        count_column=count_column,
+        hits_column=hits_column,
+        successive_noise=successive_noise,
+    )
+    if drawdowns.empty:
         return []
+    steps = drawdowns["step"].to_numpy(dtype="int64")
+    accuracy = drawdowns["accuracy"].to_numpy(dtype="float64")
+    peak_position = drawdowns["peak_position"].to_numpy()
+    margin = drawdowns["margin"].to_numpy(dtype="float64")
+    source = drawdowns["margin_source"].to_numpy()
+    below = drawdowns["below"].to_numpy(dtype=bool)
+    dips = []
+    for start, end in runs_of_true(below):
+        bottom = start + int(np.argmin(accuracy[start : end + 1]))
+        recovery = end + 1 if end + 1 < len(accuracy) else None
+        finish_step = steps[recovery] if recovery is not None else steps[-1]
+        peak = peak_position[start]
+        dips.append(
+            Dip(
+                series=column,
+                peak_step=int(steps[peak]),
+                peak_top1=float(accuracy[peak]),
+                start_step=int(steps[start]),
+                bottom_step=int(steps[bottom]),
+                bottom_top1=float(accuracy[bottom]),
+                depth=float(accuracy[peak] - accuracy[bottom]),
+                margin=float(margin[start]),
+                margin_source=str(source[start]),
+                recovery_step=int(steps[recovery]) if recovery is not None else None,
+                duration_steps=int(finish_step - steps[start]),
+            )
+        )
+    return dips
+
+
+def score_drawdowns(
+    evals: pd.DataFrame,
+    params: DipParams | None = None,
+    column: str = "knn_top1",
+    *,
+    se_column: str | None = None,
+    count_column: str = COUNT_COLUMN,
+    hits_column: str = HITS_COLUMN,
+    successive_noise: bool = False,
+) -> pd.DataFrame:
+    """Return, per evaluation with a finite ``column``, its drawdown from the running maximum.
+
+    Columns: ``step``, ``accuracy``, ``running_max``, ``peak_position`` (row of the peak),
+    ``margin``, ``margin_source`` and ``below`` (a drop beyond the margin). The arguments
+    are those of :func:`find_dips`. Returns an empty frame without ``column`` or without
+    finite values.
+    """
+    params = params or DipParams()
+    if column not in evals.columns:
+        return pd.DataFrame()
     se_column = se_column if se_column is not None else column + SE_SUFFIX
     curve = _accuracy_curve(evals, column, se_column, count_column, hits_column)
     if curve.empty:
-        return []
-    steps = curve["step"].to_numpy(dtype="int64")
+        return pd.DataFrame()
     accuracy = curve["accuracy"].to_numpy(dtype="float64")
     standard_error = curve["se"].to_numpy(dtype="float64")
     count = curve["count"].to_numpy(dtype="float64")
@@ -232,29 +290,17 @@ def find_dips(
         floor = params.z * successive_spread(accuracy)
         source = np.where(floor > margin, "successive", source)
         margin = np.maximum(margin, floor)
-    below = accuracy < running_max - margin
-    dips = []
-    for start, end in runs_of_true(below):
-        bottom = start + int(np.argmin(accuracy[start : end + 1]))
-        recovery = end + 1 if end + 1 < len(accuracy) else None
-        finish_step = steps[recovery] if recovery is not None else steps[-1]
-        peak = peak_position[start]
-        dips.append(
-            Dip(
-                series=column,
-                peak_step=int(steps[peak]),
-                peak_top1=float(accuracy[peak]),
-                start_step=int(steps[start]),
-                bottom_step=int(steps[bottom]),
-                bottom_top1=float(accuracy[bottom]),
-                depth=float(accuracy[peak] - accuracy[bottom]),
-                margin=float(margin[start]),
-                margin_source=str(source[start]),
-                recovery_step=int(steps[recovery]) if recovery is not None else None,
-                duration_steps=int(finish_step - steps[start]),
-            )
-        )
-    return dips
+    return pd.DataFrame(
+        {
+            "step": curve["step"].to_numpy(dtype="int64"),
+            "accuracy": accuracy,
+            "running_max": running_max,
+            "peak_position": peak_position,
+            "margin": margin,
+            "margin_source": source,
+            "below": accuracy < running_max - margin,
+        }
+    )
 
 
 def _accuracy_curve(

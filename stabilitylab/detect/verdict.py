@@ -7,8 +7,8 @@ Categories, checked in this order, the first that applies wins:
   the first non-finite loss, so the run has no usable end.
 - ``undetermined``: no evaluation with a finite kNN top-1, so there is nothing to judge.
 - ``partial failure``: the run ended damaged. At least one of: a dip that never recovered,
-  a final kNN top-1 more than the dip margin below the best (the margin of
-  :func:`~stabilitylab.detect.dips.dip_margin` at the best evaluation), or a collapse or
+  a final kNN top-1 more than the dip margin below the best (the margin that
+  :func:`~stabilitylab.detect.dips.score_drawdowns` gives the final evaluation), or a collapse or
   chance-loss flag (:mod:`stabilitylab.detect.sanity`) at the final evaluation.
 - ``recovered dips``: every dip recovered and the final kNN top-1 is within the margin of
   the best. The run still had trouble on the way: at least one dip, or a collapse or
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stabilitylab.detect.dips import Dip, DipParams, dip_margin
+from stabilitylab.detect.dips import Dip, DipParams, score_drawdowns
 from stabilitylab.detect.sanity import SanityReport
 from stabilitylab.runs import Run
 
@@ -53,8 +53,8 @@ INCOMPLETE_STATES = ("running", "interrupted", "failed", "unknown")
 class VerdictEvidence:
     """The facts a verdict rests on. Accuracies are kNN top-1 in percent, differences in points.
 
-    ``lost_accuracy`` is ``best_top1 - final_top1``, and ``margin`` is the dip margin at the
-    best evaluation. The ``*_steps`` lists are evaluation steps with that sanity flag.
+    ``lost_accuracy`` is ``best_top1 - final_top1``, and ``margin`` is the dip margin of the
+    final evaluation against the best before it. The ``*_steps`` lists are evaluation steps with that sanity flag.
     """
 
     state: str
@@ -148,7 +148,7 @@ def collect_evidence(
 ) -> VerdictEvidence:
     """Gather the status, loss, accuracy, dip and sanity facts of one run."""
     curve = _accuracy_curve(run.evals)
-    best, final, margin = _accuracy_summary(curve, dip_params)
+    best, final, margin = _accuracy_summary(run.evals, curve, dip_params)
     final_check = sanity.final
     reason = run.status.get("reason")
     return VerdictEvidence(
@@ -288,16 +288,20 @@ def _accuracy_curve(evals: pd.DataFrame) -> pd.DataFrame:
 
 
 def _accuracy_summary(
-    curve: pd.DataFrame, dip_params: DipParams | None
+    evals: pd.DataFrame, curve: pd.DataFrame, dip_params: DipParams | None
 ) -> tuple[float, float, float]:
-    """Return the best and final top-1 and the dip margin at the latest best evaluation."""
+    """Return the best and final top-1 and the dip margin of the final evaluation.
+
+    The margin is the one the dip detector applies to the final evaluation against the best
+    before it, so a final top-1 more than the margin below the best is also the end of an
+    unrecovered dip.
+    """
     if curve.empty:
         return math.nan, math.nan, math.nan
     accuracy = curve["knn_top1"].to_numpy(dtype="float64")
-    best_position = int(np.flatnonzero(accuracy == accuracy.max())[-1])
-    n_query = curve["n_query"].to_numpy(dtype="float64")[best_position]
-    margin = float(dip_margin(accuracy[best_position], n_query, dip_params))
-    return float(accuracy[best_position]), float(accuracy[-1]), margin
+    drawdowns = score_drawdowns(evals, dip_params)
+    margin = float(drawdowns["margin"].iloc[-1]) if not drawdowns.empty else math.nan
+    return float(accuracy.max()), float(accuracy[-1]), margin
 
 
 def _finite_or_none(value: float) -> float | None:
