@@ -54,7 +54,8 @@ class VerdictEvidence:
     """The facts a verdict rests on. Accuracies are kNN top-1 in percent, differences in points.
 
     ``lost_accuracy`` is ``best_top1 - final_top1``, and ``margin`` is the dip margin of the
-    final evaluation against the best before it. The ``*_steps`` lists are evaluation steps with that sanity flag.
+    final evaluation against the best before it. The ``*_steps`` lists are evaluation steps
+    with that sanity flag.
     """
 
     state: str
