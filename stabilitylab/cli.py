@@ -31,6 +31,11 @@ class Parser(argparse.ArgumentParser):
 
     commands: dict[str, Parser]
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # An abbreviation such as --seed for --seeds would silently set another option.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 

@@ -160,6 +160,12 @@ def validate(config: RunConfig) -> None:
     _check_choice("model", config.model, list(MODELS))
     _check_choice("precision", config.precision, PRECISIONS)
     _check_positive("lr", config.lr, "the base lr per 256 images, such as 1.5e-4")
+    peak_lr = config.lr * config.batch_size / 256 if isinstance(config.batch_size, int) else 0.0
+    _require(
+        math.isfinite(peak_lr),
+        f"--lr {config.lr!r} is invalid: the peak lr, lr x batch size / 256, overflows to "
+        f"{peak_lr}; pass a base lr such as 1.5e-4",
+    )
     _check_positive("temperature", config.temperature, "the contrastive temperature, such as 0.2")
     _check_positive("knn_temperature", config.knn_temperature, "such as 0.07")
     for name, hint in (
@@ -232,7 +238,7 @@ def _validate_dense_knn(config: RunConfig) -> None:
         f"--dense-knn-every {every!r} is invalid: it must be a whole number of at least 0 "
         "(optimiser steps between dense kNN evaluations; 0 turns the dense monitor off)",
     )
-    if size is None:
+    if size is None or every == 0:
         return
     _require(
         isinstance(size, int) and not isinstance(size, bool) and size >= config.knn_k,

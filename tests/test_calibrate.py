@@ -229,6 +229,11 @@ def test_params_file_partial_keeps_defaults(tmp_path):
             "detector_params.grad_spikes.window is 2.5, expected a whole number",
         ),
         ('{"detector_params": {"grad_spikes": {"z_threshold": -1}}}', "invalid spike z_threshold"),
+        (
+            '{"detector_params": {"grad_spikes": {"z_threshold": Infinity}}}',
+            "z_threshold is inf, expected a finite number",
+        ),
+        ('{"detector_params": {"dips": {"z": 1e999}}}', "dips.z is inf, expected a finite number"),
         ('{"detector_params": {"dips": 3}}', "detector_params.dips is 3, expected a JSON object"),
         ('{"format_version": 9, "detector_params": {}}', "format_version 9"),
     ],
@@ -351,3 +356,18 @@ def test_calibrate_grid_minimum_flagged():
 
 def test_calibrate_not_at_minimum(calibration):
     assert not calibration.choice("robust", GRADIENT_GROUP).at_grid_minimum
+
+
+def test_calibrate_rejects_failed_run():
+    failed = dataclasses.replace(
+        healthy_run(5, name="diverged"),
+        status={"state": "failed", "reason": "non-finite loss"},
+    )
+    with pytest.raises(DataError, match="failed .non-finite loss.; calibrate on healthy"):
+        calibrate([healthy_run(1), failed])
+
+
+def test_calibrate_rejects_run_without_steps():
+    empty = dataclasses.replace(healthy_run(6, name="empty"), steps=healthy_run(6).steps[:0])
+    with pytest.raises(DataError, match="has no recorded steps"):
+        calibrate([healthy_run(1), empty])

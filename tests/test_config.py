@@ -99,3 +99,13 @@ def test_lr_schedule(step, expected):
     schedule = build_lr_schedule(optimizer, total_steps=110, warmup_steps=10)
     schedule.step_update(num_updates=step)
     assert lr_at(optimizer) == pytest.approx(expected, abs=1e-9)
+
+
+def test_overflowing_peak_lr_rejected():
+    with pytest.raises(ConfigError, match="peak lr, lr x batch size / 256, overflows to inf"):
+        build_config("digits", lr=1e308)
+
+
+def test_dense_size_ignored_when_off():
+    config = build_config("digits", knn_k=1000, dense_knn_every=0)
+    assert config.dense_knn_every == 0

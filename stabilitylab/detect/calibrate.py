@@ -278,6 +278,7 @@ def calibrate(
     scanned = tuple(dict.fromkeys((rule, *rules)))
     check_calibration_inputs(target_rate, rule, scanned, z_grid)
     series = [run_series(run) for run in runs]
+    check_healthy_runs(runs, base)
     recorded = sum(item.recorded_steps for item in series)
     if recorded == 0:
         raise DataError("the runs to calibrate on have no recorded steps; pass finished runs")
@@ -350,6 +351,36 @@ DETECTOR_FILE_NAME = "detectors.json"
 def default_output(run_paths: Sequence[str | os.PathLike[str]]) -> Path:
     """Return ``detectors.json`` in the folder that contains the first run directory."""
     return Path(run_paths[0]).resolve().parent / DETECTOR_FILE_NAME
+
+
+def check_healthy_runs(runs: Sequence[Run], base: DetectorParams) -> None:
+    """Raise DataError for a run that failed or has no steps, and warn about short runs.
+
+    A failed run, diverged ones included, is not a healthy run, so its spikes would pull the
+    thresholds up. A run shorter than the detector's start-up (``2 * min_periods`` values for
+    the robust rule) contributes steps that no threshold can flag, which makes the measured
+    false-alarm rate look lower than it is.
+    """
+    for run in runs:
+        state = run.status.get("state")
+        if state == "failed":
+            raise DataError(
+                f"run {run.path} failed ({run.status.get('reason', 'no reason recorded')}); "
+                "calibrate on healthy runs only, so leave it out"
+            )
+        if run.steps.empty:
+            raise DataError(f"run {run.path} has no recorded steps; pass runs that trained")
+    start_up = 2 * base.grad_spikes.min_periods
+    short = [str(run.path) for run in runs if run.steps["step"].nunique() <= 2 * start_up]
+    if short:
+        log.warning(
+            "%d run(s) have at most %d steps, and the first %d values of each series are never "
+            "flagged, so the false-alarm rate rests on few steps: %s",
+            len(short),
+            2 * start_up,
+            start_up,
+            ", ".join(short),
+        )
 
 
 def read_runs(run_paths: Sequence[str | os.PathLike[str]]) -> list[Run]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from collections.abc import Mapping
@@ -161,6 +162,8 @@ def _convert(value: Any, default: Any, where: str) -> Any:
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where} is {value!r}, expected a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} is {value!r}, expected a finite number")
         return float(value)
     if isinstance(default, str):
         if not isinstance(value, str):
