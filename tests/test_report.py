@@ -549,7 +549,7 @@ def test_report_lag_table_planted_delay(pair_report):
 def test_report_attribution_table_first_series(pair_report):
     markdown = (pair_report / "report.md").read_text(encoding="utf-8")
     (row,) = markdown_table(markdown, "Gradient spikes before each dip")
-    assert row[:5] == ["350", "300", "200 to 349", r"grad\_norm\[patch\_embed\]", "300"]
+    assert row[:5] == ["350", "300", "250 to 349", r"grad\_norm\[patch\_embed\]", "300"]
     assert row[5].startswith(r"grad\_norm\[patch\_embed\], token\_grad\_norm")
     assert row[6] == "4"
 
