@@ -316,10 +316,12 @@ def test_report_rejects_unknown_spike_preset(cli_command, tmp_path):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--spike-window", "1"], "invalid spike window 1"),
-        (["--spike-z", "0"], "invalid spike z_threshold 0.0"),
-        (["--co-occurrence", "0"], "invalid co-occurrence min_series 0"),
-        (["--dip-z", "-1"], "invalid dip z -1.0"),
+        (["--spike-window", "1"], "--spike-window 1 is invalid: pass a window of at least 2"),
+        (["--spike-z", "0"], "--spike-z 0.0 is invalid: pass a z threshold above 0"),
+        (["--co-occurrence", "0"], "--co-occurrence 0 is invalid: pass at least 1 series"),
+        (["--co-window", "-1"], "--co-window -1 is invalid: pass 0 steps or more"),
+        (["--persistence", "0"], "--persistence 0 is invalid: pass at least 1 value"),
+        (["--dip-z", "-1"], "--dip-z -1.0 is invalid: pass 0 or more standard errors"),
     ],
 )
 def test_report_rejects_bad_detector_value(capsys, tmp_path, args, expected):

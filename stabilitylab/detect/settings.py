@@ -6,6 +6,7 @@ import dataclasses
 
 from stabilitylab.detect import CoOccurrenceParams, DetectorParams, DipParams, spike_preset
 from stabilitylab.detect.baselines import WINDOWED_RULES
+from stabilitylab.errors import ConfigError
 
 
 def build_detector_params(
@@ -27,6 +28,9 @@ def build_detector_params(
     window. None keeps the preset's value. Raises ConfigError for an unknown preset or an
     invalid value.
     """
+    check_detector_options(
+        spike_z, spike_window, persistence, co_occurrence, co_window_steps, dip_z
+    )
     overrides: dict[str, object] = {"persistence": persistence}
     if spike_z is not None:
         overrides["z_threshold"] = spike_z
@@ -45,3 +49,30 @@ def build_detector_params(
         dips=dataclasses.replace(defaults.dips, z=dip_z),
         co_occurrence=CoOccurrenceParams(min_series=co_occurrence, window_steps=co_window_steps),
     )
+
+
+def check_detector_options(
+    spike_z: float | None,
+    spike_window: int | None,
+    persistence: int,
+    co_occurrence: int,
+    co_window_steps: int,
+    dip_z: float,
+) -> None:
+    """Raise ConfigError naming the ``report`` option whose value is out of range."""
+    checks = (
+        ("--spike-z", spike_z, spike_z is None or spike_z > 0, "a z threshold above 0"),
+        (
+            "--spike-window",
+            spike_window,
+            spike_window is None or spike_window >= 2,
+            "a window of at least 2 values",
+        ),
+        ("--persistence", persistence, persistence >= 1, "at least 1 value"),
+        ("--co-occurrence", co_occurrence, co_occurrence >= 1, "at least 1 series"),
+        ("--co-window", co_window_steps, co_window_steps >= 0, "0 steps or more"),
+        ("--dip-z", dip_z, dip_z >= 0, "0 or more standard errors"),
+    )
+    for option, value, valid, expected in checks:
+        if not valid:
+            raise ConfigError(f"{option} {value} is invalid: pass {expected}")
