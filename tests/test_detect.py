@@ -883,11 +883,11 @@ def test_build_detector_params_preset_and_overrides():
     ("overrides", "expected"),
     [
         ({"spike_preset_name": "nope"}, "unknown spike preset 'nope'"),
-        ({"spike_window": 1}, "invalid spike window 1"),
-        ({"spike_z": -1.0}, "invalid spike z_threshold -1.0"),
-        ({"persistence": 0}, "invalid spike persistence 0"),
-        ({"co_occurrence": 0}, "invalid co-occurrence min_series 0"),
-        ({"dip_z": -2.0}, "invalid dip z -2.0"),
+        ({"spike_window": 1}, "--spike-window 1 is invalid"),
+        ({"spike_z": -1.0}, "--spike-z -1.0 is invalid"),
+        ({"persistence": 0}, "--persistence 0 is invalid"),
+        ({"co_occurrence": 0}, "--co-occurrence 0 is invalid"),
+        ({"dip_z": -2.0}, "--dip-z -2.0 is invalid"),
     ],
 )
 def test_build_detector_params_invalid_raise(overrides, expected):
