@@ -336,7 +336,7 @@ def _optional_column(evals: pd.DataFrame, column: str) -> pd.Series | float:
 def unpack_hits(packed: object, count: float) -> np.ndarray | None:
     """Return the per-query hits packed by ``probes.knn.pack_hits`` as an int8 array.
 
-    Returns None when ``packed`` is not bytes (a row written without hits) or holds fewer
+    Returns None when ``packed`` is not bytes (a row written without hits) or has fewer
     than ``count`` queries.
     """
     if not isinstance(packed, bytes | bytearray | memoryview) or not np.isfinite(count):
@@ -353,7 +353,7 @@ def paired_difference_se(
 ) -> np.ndarray:
     """Return, per evaluation, the paired standard error in points of its difference to its peak.
 
-    ``hits`` holds each evaluation's packed per-query hits and ``count`` its query count.
+    ``hits`` contains each evaluation's packed per-query hits and ``count`` its query count.
     The result is NaN where either evaluation lacks hits or the two counts differ, because
     then the queries cannot be matched one to one.
     """

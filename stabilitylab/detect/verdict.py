@@ -17,7 +17,7 @@ Categories, checked in this order, the first that applies wins:
 
 Low effective rank is listed in the evidence but does not change the category, because a
 dataset with few classes can have a low rank in a healthy run. A run that is still running
-or was interrupted is judged on what it recorded, and the evidence says so.
+or was interrupted is judged on what it recorded, and the evidence records its state.
 
 :func:`hidden_costs` compares each run with a stable twin (the same configuration and seed,
 the other arm): the twin's best and final kNN top-1 minus this run's, in points.
@@ -148,15 +148,15 @@ def collect_evidence(
     run: Run, dips: Sequence[Dip], sanity: SanityReport, dip_params: DipParams | None = None
 ) -> VerdictEvidence:
     """Gather the status, loss, accuracy, dip and sanity facts of one run."""
-    curve = _accuracy_curve(run.evals)
-    best, final, margin = _accuracy_summary(run.evals, curve, dip_params)
+    drawdowns = score_drawdowns(run.evals, dip_params)
+    best, final, margin = _accuracy_summary(drawdowns)
     final_check = sanity.final
     reason = run.status.get("reason")
     return VerdictEvidence(
         state=str(run.status.get("state", "unknown")),
         status_reason=str(reason) if reason else None,
         nonfinite_loss_step=nonfinite_loss_step(run.steps),
-        evaluations=len(curve),
+        evaluations=len(drawdowns),
         best_top1=best,
         final_top1=final,
         lost_accuracy=best - final,
@@ -272,37 +272,18 @@ def _trouble_reasons(evidence: VerdictEvidence) -> list[str]:
     return reasons
 
 
-def _accuracy_curve(evals: pd.DataFrame) -> pd.DataFrame:
-    """Return step, kNN top-1 and n_query of evaluations with a finite accuracy, by step."""
-    if evals.empty:
-        return pd.DataFrame({"step": [], "knn_top1": [], "n_query": []})
-    curve = pd.DataFrame(
-        {
-            "step": pd.to_numeric(evals["step"], errors="coerce"),
-            "knn_top1": pd.to_numeric(evals["knn_top1"], errors="coerce"),
-            "n_query": pd.to_numeric(evals.get("n_query", np.nan), errors="coerce"),
-        }
-    )
-    usable = np.isfinite(curve["knn_top1"].to_numpy(dtype="float64")) & curve["step"].notna()
-    curve = curve[usable].drop_duplicates("step", keep="last")
-    return curve.sort_values("step", kind="stable").reset_index(drop=True)
-
-
-def _accuracy_summary(
-    evals: pd.DataFrame, curve: pd.DataFrame, dip_params: DipParams | None
-) -> tuple[float, float, float]:
+def _accuracy_summary(drawdowns: pd.DataFrame) -> tuple[float, float, float]:
     """Return the best and final top-1 and the dip margin of the final evaluation.
 
-    The margin is the one the dip detector applies to the final evaluation against the best
-    before it, so a final top-1 more than the margin below the best is also the end of an
+    ``drawdowns`` is the output of :func:`~stabilitylab.detect.dips.score_drawdowns`, so the
+    margin is the one the dip detector applies to the final evaluation against the best
+    before it, and a final top-1 more than the margin below the best is also the end of an
     unrecovered dip.
     """
-    if curve.empty:
+    if drawdowns.empty:
         return math.nan, math.nan, math.nan
-    accuracy = curve["knn_top1"].to_numpy(dtype="float64")
-    drawdowns = score_drawdowns(evals, dip_params)
-    margin = float(drawdowns["margin"].iloc[-1]) if not drawdowns.empty else math.nan
-    return float(accuracy.max()), float(accuracy[-1]), margin
+    final = drawdowns.iloc[-1]
+    return float(final["running_max"]), float(final["accuracy"]), float(final["margin"])
 
 
 def _finite_or_none(value: float) -> float | None:
