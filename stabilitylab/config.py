@@ -9,6 +9,7 @@ own names instead of overwriting fields.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import tomllib
 from dataclasses import dataclass, fields
@@ -16,6 +17,8 @@ from importlib import resources
 from typing import Any
 
 from stabilitylab.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DATASETS = ("digits", "imagefolder")
 METHODS = ("mocov3",)
@@ -122,12 +125,37 @@ def load_preset(name: str) -> dict[str, Any]:
     return values
 
 
+# Preset values sized to the preset's own dataset (its number of steps per epoch, its image
+# size); with another --dataset they would be wrong, so that dataset gets the defaults.
+DATASET_SIZED_KEYS = ("eval_every", "dense_knn_every", "dense_knn_size", "crop_min_scale")
+
+
+def _preset_for(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Load ``preset``, dropping its dataset-sized values when another dataset is chosen."""
+    values = load_preset(preset)
+    own = values.get("dataset", RunConfig.dataset)
+    dataset = overrides.get("dataset") or own
+    if dataset == own:
+        return values
+    dropped = [key for key in DATASET_SIZED_KEYS if key in values and key not in overrides]
+    if dropped:
+        log.info(
+            "preset %r is sized for the %s data; with --dataset %s these keys take their "
+            "defaults instead: %s",
+            preset,
+            own,
+            dataset,
+            ", ".join(f"{key} {getattr(RunConfig, key)!r}" for key in dropped),
+        )
+    return {key: value for key, value in values.items() if key not in dropped}
+
+
 def build_config(preset: str = "digits", **overrides: Any) -> RunConfig:
     """Build and validate a configuration from a preset and explicit overrides."""
     unknown = sorted(set(overrides) - set(FIELD_NAMES))
     if unknown:
         raise ConfigError(f"unknown configuration keys {unknown}; known keys: {list(FIELD_NAMES)}")
-    values = {**load_preset(preset), **overrides, "preset": preset}
+    values = {**_preset_for(preset, overrides), **overrides, "preset": preset}
     config = RunConfig(**values)
     validate(config)
     return config
@@ -329,6 +357,13 @@ def derive(config: RunConfig, train_size: int, in_chans: int, num_classes: int) 
         raise ConfigError(
             f"--batch-size {config.batch_size} is larger than the training split "
             f"({train_size} images); pass --batch-size {train_size} or less"
+        )
+    bank_size = min(train_size, config.knn_max_bank)
+    if config.knn_k > bank_size:
+        raise ConfigError(
+            f"--knn-k {config.knn_k} is larger than the kNN feature bank ({bank_size} images: "
+            f"the training split of {train_size}, at most --knn-max-bank "
+            f"{config.knn_max_bank}); pass --knn-k {bank_size} or less"
         )
     total = steps_per_epoch * config.epochs
     from stabilitylab.train.faults import check_fault_steps

@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,16 +222,25 @@ def read_manifest(folder: Path) -> SweepManifest:
             f"{path} has format_version {version!r}; this stabilitylab reads version "
             f"{SWEEP_FORMAT_VERSION}"
         )
+    return SweepManifest(
+        grid=_manifest_entry(path, payload, "grid", SweepGrid.from_dict),
+        preset=_manifest_entry(path, payload, "preset", str),
+        options=_manifest_entry(path, payload, "options", dict),
+        shared_config=_manifest_entry(path, payload, "shared_config", dict),
+    )
+
+
+def _manifest_entry(path: Path, payload: dict[str, Any], key: str, parse: Callable[[Any], Any]):
+    """Parse ``payload[key]`` with ``parse``; a missing or malformed entry names the key."""
+    if key not in payload:
+        raise RunDirError(f"{path} has no {key!r} entry; the sweep manifest is damaged")
     try:
-        return SweepManifest(
-            grid=SweepGrid.from_dict(payload["grid"]),
-            preset=str(payload["preset"]),
-            options=dict(payload["options"]),
-            shared_config=dict(payload["shared_config"]),
-        )
+        return parse(payload[key])
     except (KeyError, TypeError, ValueError) as error:
+        detail = f"no {error} field" if isinstance(error, KeyError) else str(error)
         raise RunDirError(
-            f"{path} lacks a valid {error} entry; the sweep manifest is damaged"
+            f"{path} has a malformed {key!r} entry ({detail}); the sweep manifest is damaged, "
+            "so remove the sweep folder or pass a new --out"
         ) from None
 
 

@@ -83,6 +83,33 @@ def test_batch_larger_than_dataset_rejected():
         derive(config, train_size=1347, in_chans=1, num_classes=10)
 
 
+def test_other_dataset_drops_sized_keys():
+    config = build_config("digits", dataset="imagefolder", data_dir="images")
+    assert config.dense_knn_size is None
+    assert config.eval_every == 100
+    assert config.epochs == 100  # not sized to the dataset, so kept from the preset
+
+
+def test_other_dataset_keeps_explicit_key():
+    config = build_config("digits", dataset="imagefolder", data_dir="images", eval_every=7)
+    assert config.eval_every == 7
+
+
+def test_own_dataset_keeps_sized_keys():
+    assert build_config("digits", dataset="digits").dense_knn_size == 512
+
+
+def test_knn_k_larger_than_bank_rejected():
+    config = build_config("digits", knn_k=500, knn_max_bank=400)
+    with pytest.raises(ConfigError, match="--knn-k 400 or less"):
+        derive(config, train_size=1347, in_chans=1, num_classes=10)
+
+
+def test_knn_k_equal_to_bank_accepted():
+    config = build_config("digits", knn_k=400, knn_max_bank=400)
+    assert derive(config, train_size=1347, in_chans=1, num_classes=10).train_size == 1347
+
+
 @pytest.mark.parametrize(
     ("step", "expected"),
     [

@@ -9,7 +9,13 @@ import pytest
 from stabilitylab.detect import detect_run
 from stabilitylab.errors import ConfigError
 from stabilitylab.runs import read_run
-from stabilitylab.train.faults import GradientSpike, LrSpike, parse_gradient_spike, parse_lr_spike
+from stabilitylab.train.faults import (
+    GradientSpike,
+    LrSpike,
+    parse_gradient_spike,
+    parse_lr_spike,
+    warn_undetectable_steps,
+)
 from stabilitylab.train.loop import run_training
 
 
@@ -64,6 +70,16 @@ def test_fault_after_last_step_rejected(tiny_config, tmp_path):
     with pytest.raises(ConfigError, match="step 42 would never happen"):
         run_training(config, tmp_path / "run", show_progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_early_fault_warned(caplog):
+    warn_undetectable_steps([GradientSpike(10, "patch_embed", 50.0), LrSpike(39, 10.0)])
+    assert "step 10, 39 fall in the first 40 steps" in caplog.text
+
+
+def test_late_fault_not_warned(caplog):
+    warn_undetectable_steps([GradientSpike(40, "patch_embed", 50.0)])
+    assert caplog.text == ""
 
 
 @pytest.fixture(scope="module")

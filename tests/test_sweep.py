@@ -275,6 +275,28 @@ def test_non_sweep_folder_raises(tmp_path):
     assert not (tmp_path / SWEEP_FILE).exists()
 
 
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (
+            {"grid": {"lr": ["fast"], "batch_size": [8], "arm": ["learned"], "seed": [0]}},
+            "malformed 'grid' entry \\(could not convert string to float: 'fast'\\)",
+        ),
+        (
+            {"grid": {"lr": [0.1], "arm": ["learned"], "seed": [0]}},
+            "malformed 'grid' entry \\(no 'batch_size' field\\)",
+        ),
+        ({"options": None}, "has no 'options' entry"),
+    ],
+)
+def test_damaged_manifest_named(tmp_path, damage, expected):
+    payload = {**tiny_manifest().to_dict(), **damage}
+    payload = {key: value for key, value in payload.items() if value is not None}
+    (tmp_path / SWEEP_FILE).write_text(json.dumps(payload))
+    with pytest.raises(RunDirError, match=expected):
+        read_manifest(tmp_path)
+
+
 def test_interrupt_stops_sweep(tmp_path, monkeypatch):
     from stabilitylab.train import loop
 

@@ -370,7 +370,7 @@ def check_healthy_runs(runs: Sequence[Run], base: DetectorParams) -> None:
             )
         if run.steps.empty:
             raise DataError(f"run {run.path} has no recorded steps; pass runs that trained")
-    start_up = 2 * base.grad_spikes.min_periods
+    start_up = base.grad_spikes.start_up
     short = [str(run.path) for run in runs if run.steps["step"].nunique() <= 2 * start_up]
     if short:
         log.warning(

@@ -100,6 +100,11 @@ class SpikeParams:
     # Minimum number of consecutive flagged values that make an event.
     persistence: int = 1
 
+    @property
+    def start_up(self) -> int:
+        """Values at the start of a series that this detector never flags."""
+        return 2 * self.min_periods if self.rule == "robust" else self.min_periods
+
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise ConfigError(

@@ -9,6 +9,7 @@ stored in ``config.json`` under ``derived.faults``.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -18,6 +19,8 @@ import torch
 from torch import nn
 
 from stabilitylab.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,23 @@ def check_fault_steps(
             )
 
 
+def warn_undetectable_steps(spikes: list[GradientSpike | LrSpike]) -> None:
+    """Warn about faults planted before the default spike detector can flag anything."""
+    from stabilitylab.detect.spikes import SpikeParams
+
+    start_up = SpikeParams().start_up
+    early = sorted({spike.step for spike in spikes if spike.step < start_up})
+    if early:
+        log.warning(
+            "faults planted at step %s fall in the first %d steps, which the default spike "
+            "detector never flags (its baseline needs that much history), so the report will "
+            "count them as missed; plant them at step %d or later to test detection",
+            ", ".join(map(str, early)),
+            start_up,
+            start_up,
+        )
+
+
 class FaultPlan:
     """The planted faults of one run, checked against its layer groups and length."""
 
@@ -133,6 +153,7 @@ class FaultPlan:
         frozen = {name for name, parameters in trainable.items() if not parameters}
         check_fault_specs(gradient_specs, lr_specs, list(trainable), frozen)
         check_fault_steps(gradient_specs, lr_specs, total_steps)
+        warn_undetectable_steps([*self.gradient_spikes, *self.lr_spikes])
         self._by_step: dict[int, list[tuple[list[nn.Parameter], float]]] = defaultdict(list)
         for spike in self.gradient_spikes:
             self._by_step[spike.step].append((trainable[spike.layer], spike.factor))
