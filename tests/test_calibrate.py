@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
+from synthetic import layers_frame, log_noise, memory_run, steps_frame
 
 from stabilitylab import cli
 from stabilitylab.detect import DetectorParams, detect_run
@@ -27,7 +26,7 @@ from stabilitylab.detect.params_file import (
     write_detector_file,
 )
 from stabilitylab.errors import ConfigError, DataError
-from stabilitylab.runs import TABLE_COLUMNS, Run
+from stabilitylab.runs import Run
 
 STEPS = 600
 # A coarser grid than the default keeps the scans short.
@@ -40,7 +39,7 @@ OUTLIER_FACTOR = 2.5
 def noise_with_outliers(seed: int, outliers: int, factor: float = OUTLIER_FACTOR) -> np.ndarray:
     """Return log-normal noise with 10 % spread and ``outliers`` values multiplied by factor."""
     rng = np.random.default_rng(seed)
-    values = np.exp(rng.normal(0.0, 0.1, STEPS))
+    values = log_noise(rng, STEPS)
     steps = rng.choice(np.arange(100, STEPS), size=outliers, replace=False)
     values[steps] *= factor
     return values
@@ -50,48 +49,25 @@ def healthy_run(
     seed: int, outliers: int = 3, name: str = "healthy", plan: dict | None = None
 ) -> Run:
     step = np.arange(STEPS)
-    steps = pd.DataFrame(
-        {
-            "step": step,
-            "epoch": step / 100,
-            "loss": 3.0 * np.exp(np.random.default_rng(seed).normal(0.0, 0.01, STEPS)),
-            "lr": 1e-3,
-            "momentum": 0.99,
-            "weight_decay": 0.1,
-            "grad_norm": noise_with_outliers(seed + 1, outliers),
-            "token_grad_norm": noise_with_outliers(seed + 2, outliers),
-            "loss_scale": 1.0,
-            "samples_per_s": 100.0,
-            "wall_time": step * 0.1,
-        }
-    )[list(TABLE_COLUMNS["steps"])]
-    layers = pd.concat(
-        [
-            pd.DataFrame(
-                {
-                    "step": step,
-                    "layer": layer,
-                    "grad_norm": noise_with_outliers(seed + 10 + index, outliers),
-                    "weight_norm": 1.0,
-                    "update_ratio": 1e-3,
-                }
-            )
-            for index, layer in enumerate(LAYERS)
-        ],
-        ignore_index=True,
+    steps = steps_frame(
+        step,
+        loss=3.0 * log_noise(seed, STEPS, spread=0.01),
+        grad_norm=noise_with_outliers(seed + 1, outliers),
+        token_grad_norm=noise_with_outliers(seed + 2, outliers),
     )
+    grads = {
+        layer: noise_with_outliers(seed + 10 + index, outliers)
+        for index, layer in enumerate(LAYERS)
+    }
     derived: dict = {"layers": LAYERS}
     if plan is not None:
         derived["faults"] = plan
-    return Run(
-        path=Path(f"{name}-{seed}"),
+    return memory_run(
+        steps,
+        layers_frame(step, grads),
+        name=f"{name}-{seed}",
         config={"freeze_patch_embed": False, "model": "vit_micro", "seed": seed},
         derived=derived,
-        environment={},
-        status={"state": "finished"},
-        steps=steps,
-        layers=layers,
-        evals=pd.DataFrame({name: pd.Series(dtype="float64") for name in TABLE_COLUMNS["evals"]}),
     )
 
 

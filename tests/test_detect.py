@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic import evals_frame, layers_frame, log_noise, spike_event, steps_frame
 
 from stabilitylab.detect import (
     GRAD_NORM,
@@ -18,7 +19,6 @@ from stabilitylab.detect import (
     CoOccurrenceParams,
     DetectorParams,
     DipParams,
-    SpikeEvent,
     SpikeParams,
     detect_run,
     dip_margin,
@@ -34,7 +34,7 @@ from stabilitylab.detect import (
 from stabilitylab.detect.dips import unpack_hits
 from stabilitylab.detect.settings import build_detector_params
 from stabilitylab.errors import ConfigError
-from stabilitylab.runs import TABLE_COLUMNS, RunWriter, read_run
+from stabilitylab.runs import RunWriter, read_run
 
 # The dip margins worked out in these tests use z = 2.12 standard errors of the difference.
 DIP_PARAMS = DipParams(z=2.12)
@@ -346,65 +346,28 @@ def write_run(path, frozen: bool, steps: int = 400, with_tables: bool = True):
 
 
 def steps_table(step: np.ndarray, rng: np.random.Generator) -> pd.DataFrame:
-    grad = np.exp(rng.normal(0.0, 0.1, len(step)))
-    grad[250] *= 10.0
-    token = np.exp(rng.normal(-2.0, 0.1, len(step)))
-    token[248] *= 12.0
-    frame = pd.DataFrame(
-        {
-            "step": step,
-            "epoch": step / 100,
-            "loss": 2.0 * np.exp(rng.normal(0.0, 0.01, len(step))),
-            "lr": 1.5e-4,
-            "momentum": 0.99,
-            "weight_decay": 0.1,
-            "grad_norm": grad,
-            "token_grad_norm": token,
-            "loss_scale": 1.0,
-            "samples_per_s": 1000.0,
-            "wall_time": step * 0.1,
-        }
-    )
-    return frame[list(TABLE_COLUMNS["steps"])]
+    grad = log_noise(rng, len(step), {250: 10.0})
+    token = log_noise(rng, len(step), {248: 12.0}, log_mean=-2.0)
+    loss = 2.0 * log_noise(rng, len(step), spread=0.01)
+    return steps_frame(step, loss, grad, token, lr=1.5e-4, samples_per_s=1000.0)
 
 
 def layers_table(step: np.ndarray, rng: np.random.Generator, frozen: bool) -> pd.DataFrame:
-    rows = []
+    planted = {"patch_embed": {248: 15.0}, "blocks.01": {251: 9.0}}
+    grads = {}
     for layer in LAYERS:
-        values = np.exp(rng.normal(0.0, 0.1, len(step)))
-        if layer == "patch_embed":
-            values[248] *= 15.0
-            if frozen:
-                values[:] = np.nan
-        if layer == "blocks.01":
-            values[251] *= 9.0
-        rows.append(
-            pd.DataFrame(
-                {
-                    "step": step,
-                    "layer": layer,
-                    "grad_norm": values,
-                    "weight_norm": 1.0,
-                    "update_ratio": 1e-3,
-                }
-            )
-        )
-    return pd.concat(rows, ignore_index=True)
+        values = log_noise(rng, len(step), planted.get(layer))
+        if layer == "patch_embed" and frozen:
+            values[:] = np.nan
+        grads[layer] = values
+    return layers_frame(step, grads)
 
 
 def evals_table() -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "step": [0, 100, 200, 300, 399],
-            "epoch": [0.0, 1.0, 2.0, 3.0, 4.0],
-            "knn_top1": [10.0, 30.0, 40.0, 25.0, 42.0],
-            "knn_top5": np.nan,
-            "feature_std": 0.1,
-            "effective_rank": 20.0,
-            "n_bank": 5000,
-            "n_query": 1000,
-            "eval_seconds": 1.0,
-        }
+    return evals_frame(
+        [0, 100, 200, 300, 399],
+        [10.0, 30.0, 40.0, 25.0, 42.0],
+        epoch=[0.0, 1.0, 2.0, 3.0, 4.0],
     )
 
 
@@ -666,37 +629,26 @@ def test_spikes_persistence_across_nan_gap():
 # Co-occurrence
 
 
-def spike(series: str, start: int, end: int | None = None) -> SpikeEvent:
-    end = start if end is None else end
-    return SpikeEvent(
-        series=series,
-        start_step=start,
-        peak_step=start,
-        end_step=end,
-        duration_steps=end - start + 1,
-        peak_value=10.0,
-        baseline=1.0,
-        ratio=10.0,
-        z=20.0,
-    )
-
-
 def test_co_occurrence_keeps_pair_drops_lone():
     spikes = {
-        "a": [spike("a", 100), spike("a", 900)],
-        "b": [spike("b", 112)],
+        "a": [spike_event("a", 100), spike_event("a", 900)],
+        "b": [spike_event("b", 112)],
         "c": [],
     }
     kept = filter_co_occurring(spikes, CoOccurrenceParams(min_series=2, window_steps=20))
-    assert kept["a"] == [spike("a", 100)]
-    assert kept["b"] == [spike("b", 112)]
+    assert kept["a"] == [spike_event("a", 100)]
+    assert kept["b"] == [spike_event("b", 112)]
     assert kept["c"] == []
     assert list(kept) == ["a", "b", "c"]
     assert len(spikes["a"]) == 2
 
 
 def test_co_occurrence_window_edge():
-    spikes = {"a": [spike("a", 100, 110)], "b": [spike("b", 130)], "c": [spike("c", 80)]}
+    spikes = {
+        "a": [spike_event("a", 100, 110)],
+        "b": [spike_event("b", 130)],
+        "c": [spike_event("c", 80)],
+    }
     params = CoOccurrenceParams(min_series=2, window_steps=20)
     kept = filter_co_occurring(spikes, params)
     # b starts 20 steps after a ends, c ends 20 steps before a starts: both within the window.
@@ -706,27 +658,31 @@ def test_co_occurrence_window_edge():
 
 
 def test_co_occurrence_long_span_overlaps():
-    spikes = {"a": [spike("a", 100, 400)], "b": [spike("b", 380)]}
+    spikes = {"a": [spike_event("a", 100, 400)], "b": [spike_event("b", 380)]}
     kept = filter_co_occurring(spikes, CoOccurrenceParams(min_series=2, window_steps=0))
     assert kept == spikes
 
 
 def test_co_occurrence_same_series_counts_once():
-    spikes = {"a": [spike("a", 100), spike("a", 105)], "b": [spike("b", 500)]}
+    spikes = {"a": [spike_event("a", 100), spike_event("a", 105)], "b": [spike_event("b", 500)]}
     kept = filter_co_occurring(spikes, CoOccurrenceParams(min_series=2, window_steps=50))
     assert kept == {"a": [], "b": []}
 
 
 def test_co_occurrence_three_series_needed():
-    spikes = {"a": [spike("a", 100)], "b": [spike("b", 110)], "c": [spike("c", 300)]}
+    spikes = {
+        "a": [spike_event("a", 100)],
+        "b": [spike_event("b", 110)],
+        "c": [spike_event("c", 300)],
+    }
     params = CoOccurrenceParams(min_series=3, window_steps=50)
     assert filter_co_occurring(spikes, params) == {"a": [], "b": [], "c": []}
-    spikes["c"] = [spike("c", 140)]
+    spikes["c"] = [spike_event("c", 140)]
     assert filter_co_occurring(spikes, params) == spikes
 
 
 def test_co_occurrence_off_keeps_all():
-    spikes = {"a": [spike("a", 100)], "b": []}
+    spikes = {"a": [spike_event("a", 100)], "b": []}
     kept = filter_co_occurring(spikes, CoOccurrenceParams())
     assert kept == spikes
     assert kept["a"] is not spikes["a"]

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
+from synthetic import layers_frame, log_noise, memory_run, spike_event, steps_frame
 
 from stabilitylab.detect import detect_run
 from stabilitylab.detect.faults import (
@@ -20,21 +19,12 @@ from stabilitylab.detect.faults import (
     match_planted_faults,
     planted_faults_from_plan,
 )
-from stabilitylab.detect.spikes import SpikeEvent
 from stabilitylab.errors import ConfigError, RunDirError
 from stabilitylab.report.faults import planted_faults_table
-from stabilitylab.runs import TABLE_COLUMNS, Run
+from stabilitylab.runs import Run
 
 STEPS = 400
 LAYERS = ["patch_embed", "cls_token", "blocks.00", "blocks.01", "norm", "projector", "predictor"]
-
-
-def noisy(seed: int, planted: dict[int, float], count: int = STEPS) -> np.ndarray:
-    """Return log-normal noise with 10 % spread, multiplied by each factor at its step."""
-    values = np.exp(np.random.default_rng(seed).normal(0.0, 0.1, count))
-    for step, factor in planted.items():
-        values[step] *= factor
-    return values
 
 
 def synthetic_run(
@@ -46,52 +36,20 @@ def synthetic_run(
     layer_spikes = layer_spikes or {}
     step = np.arange(STEPS)
     # The loss moves about 1 % from step to step, and a planted factor multiplies it.
-    loss = 3.0 * noisy(1, {}) ** 0.1
+    loss = 3.0 * log_noise(1, STEPS) ** 0.1
     for spike_step, factor in (loss_spikes or {}).items():
         loss[spike_step] *= factor
-    steps = pd.DataFrame(
-        {
-            "step": step,
-            "epoch": step / 100,
-            "loss": loss,
-            "lr": 1e-3,
-            "momentum": 0.99,
-            "weight_decay": 0.1,
-            "grad_norm": noisy(2, {}),
-            "token_grad_norm": noisy(3, {}),
-            "loss_scale": 1.0,
-            "samples_per_s": 100.0,
-            "wall_time": step * 0.1,
-        }
-    )[list(TABLE_COLUMNS["steps"])]
-    layers = pd.concat(
-        [
-            pd.DataFrame(
-                {
-                    "step": step,
-                    "layer": layer,
-                    "grad_norm": noisy(10 + index, layer_spikes.get(layer, {})),
-                    "weight_norm": 1.0,
-                    "update_ratio": 1e-3,
-                }
-            )
-            for index, layer in enumerate(LAYERS)
-        ],
-        ignore_index=True,
+    steps = steps_frame(
+        step, loss, grad_norm=log_noise(2, STEPS), token_grad_norm=log_noise(3, STEPS)
     )
+    grads = {
+        layer: log_noise(10 + index, STEPS, layer_spikes.get(layer))
+        for index, layer in enumerate(LAYERS)
+    }
     derived = {"layers": LAYERS}
     if plan is not None:
         derived["faults"] = plan
-    return Run(
-        path=Path("synthetic"),
-        config={"freeze_patch_embed": False, "model": "vit_micro", "seed": 0},
-        derived=derived,
-        environment={},
-        status={"state": "finished"},
-        steps=steps,
-        layers=layers,
-        evals=pd.DataFrame({name: pd.Series(dtype="float64") for name in TABLE_COLUMNS["evals"]}),
-    )
+    return memory_run(steps, layers_frame(step, grads), derived=derived)
 
 
 def gradient_plan(*faults: tuple[int, str, float]) -> dict:
@@ -105,21 +63,6 @@ def gradient_plan(*faults: tuple[int, str, float]) -> dict:
 
 def lr_plan(step: int, factor: float) -> dict:
     return {"gradient_spikes": [], "lr_spikes": [{"step": step, "factor": factor}]}
-
-
-def event(series: str, start: int, end: int | None = None, ratio: float = 10.0) -> SpikeEvent:
-    end = start if end is None else end
-    return SpikeEvent(
-        series=series,
-        start_step=start,
-        peak_step=start,
-        end_step=end,
-        duration_steps=end - start + 1,
-        peak_value=ratio,
-        baseline=1.0,
-        ratio=ratio,
-        z=20.0,
-    )
 
 
 def test_gradient_fault_matched_layer_and_step():
@@ -170,7 +113,7 @@ def test_gradient_fault_without_spike_missed():
 )
 def test_gradient_fault_tolerance(start, end, found, lag):
     fault = PlantedFault(GRADIENT_FAULT, 150, 20.0, "patch_embed")
-    spikes = {"grad_norm[patch_embed]": [event("grad_norm[patch_embed]", start, end)]}
+    spikes = {"grad_norm[patch_embed]": [spike_event("grad_norm[patch_embed]", start, end)]}
     (match,) = match_planted_faults([fault], spikes, range(STEPS)).faults
     assert match.found is found
     assert match.lag_steps == lag
@@ -179,7 +122,7 @@ def test_gradient_fault_tolerance(start, end, found, lag):
 def test_gradient_fault_prefers_closest_start():
     fault = PlantedFault(GRADIENT_FAULT, 150, 20.0, "blocks.00")
     series = "grad_norm[blocks.00]"
-    spikes = {series: [event(series, 140, 160), event(series, 151)]}
+    spikes = {series: [spike_event(series, 140, 160), spike_event(series, 151)]}
     (match,) = match_planted_faults([fault], spikes, range(STEPS)).faults
     assert match.detected_start_step == 151
 
@@ -197,7 +140,7 @@ def test_lr_fault_matched_within_tolerance():
 @pytest.mark.parametrize(("start", "found"), [(200, True), (205, True), (206, False), (199, False)])
 def test_lr_fault_window(start, found):
     fault = PlantedFault(LR_FAULT, 200, 20.0)
-    spikes = {"grad_norm[norm]": [event("grad_norm[norm]", start)], "loss": []}
+    spikes = {"grad_norm[norm]": [spike_event("grad_norm[norm]", start)], "loss": []}
     (match,) = match_planted_faults([fault], spikes, range(STEPS)).faults
     assert match.found is found
 
@@ -205,9 +148,9 @@ def test_lr_fault_window(start, found):
 def test_lr_fault_takes_earliest_response():
     fault = PlantedFault(LR_FAULT, 200, 20.0)
     spikes = {
-        "loss": [event("loss", 203)],
-        "grad_norm": [event("grad_norm", 201, ratio=3.0)],
-        "grad_norm[blocks.00]": [event("grad_norm[blocks.00]", 201, ratio=9.0)],
+        "loss": [spike_event("loss", 203)],
+        "grad_norm": [spike_event("grad_norm", 201, ratio=3.0)],
+        "grad_norm[blocks.00]": [spike_event("grad_norm[blocks.00]", 201, ratio=9.0)],
     }
     (match,) = match_planted_faults([fault], spikes, range(STEPS)).faults
     assert match.series == "grad_norm[blocks.00]"
@@ -216,7 +159,7 @@ def test_lr_fault_takes_earliest_response():
 
 def test_lr_fault_ignores_other_series():
     fault = PlantedFault(LR_FAULT, 200, 20.0)
-    spikes = {"update_ratio[norm]": [event("update_ratio[norm]", 201)]}
+    spikes = {"update_ratio[norm]": [spike_event("update_ratio[norm]", 201)]}
     (match,) = match_planted_faults([fault], spikes, range(STEPS)).faults
     assert not match.found
 
@@ -224,12 +167,12 @@ def test_lr_fault_ignores_other_series():
 def test_false_alarms_counted_outside_windows():
     fault = PlantedFault(GRADIENT_FAULT, 150, 20.0, "patch_embed")
     spikes = {
-        "grad_norm[patch_embed]": [event("grad_norm[patch_embed]", 150)],
+        "grad_norm[patch_embed]": [spike_event("grad_norm[patch_embed]", 150)],
         "grad_norm[blocks.01]": [
-            event("grad_norm[blocks.01]", 160),
-            event("grad_norm[blocks.01]", 300),
+            spike_event("grad_norm[blocks.01]", 160),
+            spike_event("grad_norm[blocks.01]", 300),
         ],
-        "loss": [event("loss", 80), event("loss", 176)],
+        "loss": [spike_event("loss", 80), spike_event("loss", 176)],
     }
     matching = match_planted_faults([fault], spikes, range(STEPS))
     assert [(alarm.series, alarm.start_step) for alarm in matching.false_alarms] == [
@@ -259,7 +202,7 @@ def test_false_alarms_on_synthetic_run():
 
 
 def test_run_without_faults_all_alarms():
-    spikes = {"loss": [event("loss", 80)], "grad_norm": [event("grad_norm", 90)]}
+    spikes = {"loss": [spike_event("loss", 80)], "grad_norm": [spike_event("grad_norm", 90)]}
     matching = match_planted_faults([], spikes, range(100))
     assert matching.faults == []
     assert len(matching.false_alarms) == 2

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic import layers_frame, log_noise, memory_run, spike_event, steps_frame
 
 from stabilitylab.detect import DetectorParams, LagParams, detect_run
 from stabilitylab.detect.lag import (
@@ -17,9 +17,9 @@ from stabilitylab.detect.lag import (
     lag_statistics,
     match_spikes,
 )
-from stabilitylab.detect.spikes import SpikeEvent, find_spikes
+from stabilitylab.detect.spikes import find_spikes
 from stabilitylab.errors import ConfigError
-from stabilitylab.runs import TABLE_COLUMNS, Run
+from stabilitylab.runs import Run
 
 STEPS = 700
 SOURCE_SPIKES = (100, 300, 500)
@@ -27,27 +27,9 @@ DELAY = 7
 LAYERS = ["patch_embed", "cls_token", "blocks.00", "blocks.01", "norm", "projector", "predictor"]
 
 
-def spike(series: str, start: int, duration: int = 1) -> SpikeEvent:
-    return SpikeEvent(
-        series=series,
-        start_step=start,
-        peak_step=start,
-        end_step=start + duration - 1,
-        duration_steps=duration,
-        peak_value=10.0,
-        baseline=1.0,
-        ratio=10.0,
-        z=20.0,
-    )
-
-
 def noisy(seed: int, spikes: dict[int, float], count: int = STEPS) -> pd.Series:
     """Return log-normal noise with 10 % spread, multiplied at the given steps."""
-    rng = np.random.default_rng(seed)
-    values = np.exp(rng.normal(0.0, 0.1, count))
-    for step, factor in spikes.items():
-        values[step] *= factor
-    return pd.Series(values, index=np.arange(count))
+    return pd.Series(log_noise(seed, count, spikes), index=np.arange(count))
 
 
 def planted_pair(delay: int = DELAY) -> tuple[pd.Series, pd.Series]:
@@ -63,23 +45,13 @@ def synthetic_run(frozen: bool) -> Run:
     first-layer spikes.
     """
     step = np.arange(STEPS)
-    token = 0.1 * noisy(3, {s: 15.0 for s in SOURCE_SPIKES}).to_numpy()
-    steps = pd.DataFrame(
-        {
-            "step": step,
-            "epoch": step / 100,
-            "loss": 3.0 * noisy(4, {}).to_numpy() ** 0.1,
-            "lr": 1e-3,
-            "momentum": 0.99,
-            "weight_decay": 0.1,
-            "grad_norm": noisy(5, {}).to_numpy(),
-            "token_grad_norm": token,
-            "loss_scale": 1.0,
-            "samples_per_s": 100.0,
-            "wall_time": step * 0.1,
-        }
-    )[list(TABLE_COLUMNS["steps"])]
-    frames = []
+    steps = steps_frame(
+        step,
+        loss=3.0 * log_noise(4, STEPS) ** 0.1,
+        grad_norm=log_noise(5, STEPS),
+        token_grad_norm=0.1 * log_noise(3, STEPS, {s: 15.0 for s in SOURCE_SPIKES}),
+    )
+    grads = {}
     for index, layer in enumerate(LAYERS):
         planted: dict[int, float] = {}
         if layer == "patch_embed":
@@ -88,59 +60,49 @@ def synthetic_run(frozen: bool) -> Run:
             planted = {s + DELAY: 8.0 for s in SOURCE_SPIKES}
         if layer == "projector":
             planted = {s + DELAY + 2: 8.0 for s in SOURCE_SPIKES}
-        grad = noisy(10 + index, planted).to_numpy(copy=True)
+        grad = log_noise(10 + index, STEPS, planted)
         if layer == "patch_embed" and frozen:
             grad[:] = np.nan
-        frames.append(
-            pd.DataFrame(
-                {
-                    "step": step,
-                    "layer": layer,
-                    "grad_norm": grad,
-                    "weight_norm": 1.0,
-                    "update_ratio": 1e-3,
-                }
-            )
-        )
-    evals = pd.DataFrame({name: pd.Series(dtype="float64") for name in TABLE_COLUMNS["evals"]})
-    return Run(
-        path=Path("frozen" if frozen else "learned"),
+        grads[layer] = grad
+    return memory_run(
+        steps,
+        layers_frame(step, grads),
+        name="frozen" if frozen else "learned",
         config={"freeze_patch_embed": frozen, "model": "vit_micro", "seed": 0},
         derived={"layers": LAYERS},
-        environment={},
-        status={"state": "finished"},
-        steps=steps,
-        layers=pd.concat(frames, ignore_index=True),
-        evals=evals,
     )
 
 
 def test_match_planted_delays():
-    source = [spike("a", step) for step in SOURCE_SPIKES]
-    target = [spike("b", step + DELAY) for step in SOURCE_SPIKES]
+    source = [spike_event("a", step) for step in SOURCE_SPIKES]
+    target = [spike_event("b", step + DELAY) for step in SOURCE_SPIKES]
     matches = match_spikes(source, target, max_lag=50)
     assert [match.delay_steps for match in matches] == [DELAY] * 3
 
 
 def test_match_beyond_max_lag_unmatched():
-    matches = match_spikes([spike("a", 100)], [spike("b", 151)], max_lag=50)
+    matches = match_spikes([spike_event("a", 100)], [spike_event("b", 151)], max_lag=50)
     assert matches[0].target_start_step is None
     assert matches[0].delay_steps is None
 
 
 def test_match_earlier_target_ignored():
-    matches = match_spikes([spike("a", 100)], [spike("b", 99), spike("b", 104)], max_lag=50)
+    matches = match_spikes(
+        [spike_event("a", 100)], [spike_event("b", 99), spike_event("b", 104)], max_lag=50
+    )
     assert matches[0].delay_steps == 4
 
 
 def test_match_target_used_once():
-    matches = match_spikes([spike("a", 100), spike("a", 102)], [spike("b", 105)], max_lag=50)
+    matches = match_spikes(
+        [spike_event("a", 100), spike_event("a", 102)], [spike_event("b", 105)], max_lag=50
+    )
     assert matches[0].delay_steps == 5
     assert matches[1].delay_steps is None
 
 
 def test_match_same_step_is_zero_delay():
-    (match,) = match_spikes([spike("a", 200)], [spike("b", 200)], max_lag=50)
+    (match,) = match_spikes([spike_event("a", 200)], [spike_event("b", 200)], max_lag=50)
     assert match.delay_steps == 0
 
 

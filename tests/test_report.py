@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic import evals_frame, layers_frame, log_noise, steps_frame
 
 from stabilitylab.errors import RunDirError
 from stabilitylab.report import figures as report_figures
@@ -17,7 +18,7 @@ from stabilitylab.report import write_report
 from stabilitylab.report.figures import max_pool_steps
 from stabilitylab.report.markdown import escape_markdown
 from stabilitylab.report.summary import status_text
-from stabilitylab.runs import TABLE_COLUMNS, RunWriter, read_run
+from stabilitylab.runs import RunWriter, read_run
 
 LAYERS = ["patch_embed", "cls_token", "blocks.00", "blocks.01", "blocks.02", "norm", "projector"]
 STEPS = 600
@@ -64,43 +65,30 @@ def make_run(
     rng = np.random.default_rng(seed + (100 if frozen else 0))
     step = np.arange(STEPS)
     if "steps" in tables:
-        writer.append("steps", steps_frame(step, rng))
+        writer.append("steps", spiky_steps(step, rng))
     if "layers" in tables:
-        writer.append("layers", layers_frame(step, rng, frozen))
+        writer.append("layers", spiky_layers(step, rng, frozen))
     if "evals" in tables:
-        writer.append("evals", evals_frame(final_top1))
+        writer.append("evals", dip_evals(final_top1))
     return path
 
 
-def steps_frame(step: np.ndarray, rng: np.random.Generator) -> pd.DataFrame:
-    loss = 3.0 * np.exp(-step / 2000) * np.exp(rng.normal(0.0, 0.01, len(step)))
+def spiky_steps(step: np.ndarray, rng: np.random.Generator) -> pd.DataFrame:
+    loss = 3.0 * np.exp(-step / 2000) * log_noise(rng, len(step), spread=0.01)
     loss[450] *= 1.6
-    grad = np.exp(rng.normal(0.0, 0.1, len(step)))
-    grad[SPIKE_STEP + 1] *= 10.0
-    token = 0.1 * np.exp(rng.normal(0.0, 0.1, len(step)))
+    grad = log_noise(rng, len(step), {SPIKE_STEP + 1: 10.0})
+    token = 0.1 * log_noise(rng, len(step))
     token[SPIKE_STEP] *= 12.0
-    frame = pd.DataFrame(
-        {
-            "step": step,
-            "epoch": step / 100,
-            "loss": loss,
-            "lr": 1.5e-4,
-            "momentum": 0.99,
-            "weight_decay": 0.1,
-            "grad_norm": grad,
-            "token_grad_norm": token,
-            "loss_scale": 1.0,
-            "samples_per_s": 900.0,
-            "wall_time": step * 0.2,
-        }
+    return steps_frame(
+        step, loss, grad, token, lr=1.5e-4, samples_per_s=900.0, wall_time=step * 0.2
     )
-    return frame[list(TABLE_COLUMNS["steps"])]
 
 
-def layers_frame(step: np.ndarray, rng: np.random.Generator, frozen: bool) -> pd.DataFrame:
-    frames = []
+def spiky_layers(step: np.ndarray, rng: np.random.Generator, frozen: bool) -> pd.DataFrame:
+    grads = {}
+    updates = {}
     for index, layer in enumerate(LAYERS):
-        grad = 10.0**-index * np.exp(rng.normal(0.0, 0.1, len(step)))
+        grad = 10.0**-index * log_noise(rng, len(step))
         update = np.full(len(step), 1e-3)
         planted = len(step) > SPIKE_STEP + 3
         if layer == "patch_embed":
@@ -111,39 +99,18 @@ def layers_frame(step: np.ndarray, rng: np.random.Generator, frozen: bool) -> pd
                 update[:] = np.nan
         if layer == "blocks.02" and planted:
             grad[SPIKE_STEP + 3] *= 8.0
-        frames.append(
-            pd.DataFrame(
-                {
-                    "step": step,
-                    "layer": layer,
-                    "grad_norm": grad,
-                    "weight_norm": 1.0,
-                    "update_ratio": update,
-                }
-            )
-        )
-    return pd.concat(frames, ignore_index=True)
+        grads[layer] = grad
+        updates[layer] = update
+    return layers_frame(step, grads, update_ratio=updates)
 
 
-def evals_frame(final_top1: float) -> pd.DataFrame:
+def dip_evals(final_top1: float) -> pd.DataFrame:
     eval_steps = np.arange(0, STEPS + 1, 50)
     top1 = np.linspace(10.0, final_top1, len(eval_steps))
     peak = top1[eval_steps == DIP_EVAL_STEPS[0] - 50][0]
     for dip_step in DIP_EVAL_STEPS:
         top1[eval_steps == dip_step] = peak - 12.0
-    return pd.DataFrame(
-        {
-            "step": eval_steps,
-            "epoch": eval_steps / 100,
-            "knn_top1": top1,
-            "knn_top5": np.nan,
-            "feature_std": 0.1,
-            "effective_rank": 20.0,
-            "n_bank": 5000,
-            "n_query": 1000,
-            "eval_seconds": 1.5,
-        }
-    )
+    return evals_frame(eval_steps, top1, eval_seconds=1.5)
 
 
 def write_pair(root: Path) -> list[Path]:
@@ -155,6 +122,19 @@ def write_pair(root: Path) -> list[Path]:
     }
     frozen = make_run(root / "frozen_s0", frozen=True, final_top1=61.0, frozen_check=frozen_check)
     return [learned, frozen]
+
+
+def two_seed_runs(root: Path) -> list[Path]:
+    """Write evaluation-only learned and frozen runs of seeds 0 and 1.
+
+    The frozen run ends 2 points above the learned one with seed 0 and 1 point with seed 1.
+    """
+    return [
+        make_run(root / "l0", frozen=False, seed=0, final_top1=50.0, tables=EVALS_ONLY),
+        make_run(root / "f0", frozen=True, seed=0, final_top1=52.0, tables=EVALS_ONLY),
+        make_run(root / "l1", frozen=False, seed=1, final_top1=50.0, tables=EVALS_ONLY),
+        make_run(root / "f1", frozen=True, seed=1, final_top1=51.0, tables=EVALS_ONLY),
+    ]
 
 
 @pytest.fixture
@@ -282,13 +262,8 @@ def test_report_html_lists_events(pair_report):
 
 
 def test_report_seed_mean_over_two_seeds(tmp_path):
-    runs = [
-        make_run(tmp_path / "l0", frozen=False, seed=0, final_top1=50.0, tables=EVALS_ONLY),
-        make_run(tmp_path / "f0", frozen=True, seed=0, final_top1=52.0, tables=EVALS_ONLY),
-        make_run(tmp_path / "l1", frozen=False, seed=1, final_top1=50.0, tables=EVALS_ONLY),
-        make_run(tmp_path / "f1", frozen=True, seed=1, final_top1=51.0, tables=EVALS_ONLY),
-    ]
-    markdown = (write_report(runs, tmp_path / "out") / "report.md").read_text(encoding="utf-8")
+    out = write_report(two_seed_runs(tmp_path), tmp_path / "out")
+    markdown = (out / "report.md").read_text(encoding="utf-8")
     caption = "Frozen minus learned patch projection, kNN top-1 in points"
     rows = markdown_table(markdown, caption)
     assert [row[5] for row in rows] == ["+2.00", "+1.00", "+1.50 (n=2)"]
@@ -361,8 +336,8 @@ def test_report_few_steps_and_no_evals(tmp_path):
     writer.write_status("failed", step=3, reason="TrainingError: non-finite loss " + "x" * 200)
     rng = np.random.default_rng(0)
     step = np.arange(3)
-    writer.append("steps", steps_frame(np.arange(STEPS), rng).iloc[:3])
-    writer.append("layers", layers_frame(step, rng, frozen=False))
+    writer.append("steps", spiky_steps(np.arange(STEPS), rng).iloc[:3])
+    writer.append("layers", spiky_layers(step, rng, frozen=False))
     out = write_report([path])
     markdown = (out / "report.md").read_text(encoding="utf-8")
     (row,) = markdown_table(markdown, "Runs at a glance")
@@ -566,13 +541,8 @@ def test_report_events_json_has_diagnosis(pair_report):
 
 
 def test_report_arm_spread_over_two_seeds(tmp_path):
-    runs = [
-        make_run(tmp_path / "l0", frozen=False, seed=0, final_top1=50.0, tables=EVALS_ONLY),
-        make_run(tmp_path / "f0", frozen=True, seed=0, final_top1=52.0, tables=EVALS_ONLY),
-        make_run(tmp_path / "l1", frozen=False, seed=1, final_top1=50.0, tables=EVALS_ONLY),
-        make_run(tmp_path / "f1", frozen=True, seed=1, final_top1=51.0, tables=EVALS_ONLY),
-    ]
-    markdown = (write_report(runs, tmp_path / "out") / "report.md").read_text(encoding="utf-8")
+    out = write_report(two_seed_runs(tmp_path), tmp_path / "out")
+    markdown = (out / "report.md").read_text(encoding="utf-8")
     final, _ = markdown_table(markdown, "Frozen minus learned over seeds, kNN top-1 in points")
     assert final[1] == "0: +2.00, 1: +1.00"
     assert final[2:5] == ["+1.50", "0.71", "2"]
@@ -589,7 +559,7 @@ def test_report_arm_spread_over_two_seeds(tmp_path):
 def test_report_hidden_cost_stable_twin(tmp_path):
     learned = make_run(tmp_path / "learned_s0", frozen=False, final_top1=58.0)
     frozen = make_run(tmp_path / "frozen_s0", frozen=True, tables=("steps", "layers"))
-    smooth = evals_frame(61.0)
+    smooth = dip_evals(61.0)
     smooth["knn_top1"] = np.linspace(10.0, 61.0, len(smooth))
     RunWriter(frozen).append("evals", smooth)
     markdown = (write_report([learned, frozen], tmp_path / "out") / "report.md").read_text()

@@ -4,27 +4,28 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic import evals_frame, memory_run, spike_event
 
 from stabilitylab.detect import detect_run
 from stabilitylab.detect.attribution import AttributionParams, attribute_dips
 from stabilitylab.detect.dips import find_dips
 from stabilitylab.detect.sanity import SanityParams, chance_loss, check_sanity
-from stabilitylab.detect.spikes import SpikeEvent
 from stabilitylab.detect.verdict import (
     DIVERGED,
     PARTIAL_FAILURE,
     RECOVERED_DIPS,
     STABLE,
     UNDETERMINED,
+    RunVerdict,
     hidden_costs,
 )
 from stabilitylab.errors import ConfigError
-from stabilitylab.runs import TABLE_COLUMNS, Run
+from stabilitylab.runs import TABLE_COLUMNS, Run, empty_table
 
 STEPS = 400
 EVAL_EVERY = 50
@@ -60,20 +61,14 @@ def make_run(
     steps = pd.DataFrame({name: 1.0 for name in TABLE_COLUMNS["steps"]}, index=step)
     steps["step"] = step
     steps["loss"] = loss
-    evals = pd.DataFrame(
-        {
-            "step": eval_steps,
-            "epoch": eval_steps / 100,
-            "knn_top1": top1,
-            "knn_top5": np.nan,
-            "feature_std": feature_std if feature_std is not None else HEALTHY_STD,
-            "effective_rank": 6.0,
-            "n_bank": 1000,
-            "n_query": 10_000,
-            "eval_seconds": 1.0,
-        }
+    evals = evals_frame(
+        eval_steps,
+        top1,
+        feature_std=feature_std if feature_std is not None else HEALTHY_STD,
+        effective_rank=6.0,
+        n_bank=1000,
+        n_query=10_000,
     )
-    layers = pd.DataFrame({name: pd.Series(dtype="float64") for name in TABLE_COLUMNS["layers"]})
     config = {
         "freeze_patch_embed": frozen,
         "model": "vit_micro",
@@ -83,15 +78,14 @@ def make_run(
         "warmup_epochs": 1.0,
         "seed": seed,
     }
-    return Run(
-        path=Path("frozen" if frozen else "learned"),
+    return memory_run(
+        steps.reset_index(drop=True),
+        empty_table("layers"),
+        name="frozen" if frozen else "learned",
         config=config,
         derived={"layers": LAYERS, "global_batch_size": BATCH, "steps_per_epoch": 100},
-        environment={},
-        status=status or {"state": "finished"},
-        steps=steps.reset_index(drop=True),
-        layers=layers,
         evals=evals,
+        status=status or {"state": "finished"},
     )
 
 
@@ -103,22 +97,23 @@ def with_dip(recover: bool) -> list[float]:
     return top1
 
 
-def spike(series: str, start: int) -> SpikeEvent:
-    return SpikeEvent(series, start, start, start, 1, 10.0, 1.0, 10.0, 20.0)
+def run_verdict(top1: list[float] | None = None, **options: Any) -> RunVerdict:
+    """Return the verdict that detect_run gives a run built by make_run from these arguments."""
+    return detect_run(make_run(top1, **options)).verdict
 
 
 # Verdicts
 
 
 def test_verdict_stable():
-    verdict = detect_run(make_run()).verdict
+    verdict = run_verdict()
     assert verdict.verdict == STABLE
     assert verdict.evidence.dips == 0
     assert verdict.evidence.lost_accuracy == pytest.approx(0.0)
 
 
 def test_verdict_recovered_dips():
-    verdict = detect_run(make_run(with_dip(recover=True))).verdict
+    verdict = run_verdict(with_dip(recover=True))
     assert verdict.verdict == RECOVERED_DIPS
     assert verdict.evidence.dips == 1
     assert verdict.evidence.unrecovered_dips == 0
@@ -126,7 +121,7 @@ def test_verdict_recovered_dips():
 
 
 def test_verdict_unrecovered_dip_partial():
-    verdict = detect_run(make_run(with_dip(recover=False))).verdict
+    verdict = run_verdict(with_dip(recover=False))
     assert verdict.verdict == PARTIAL_FAILURE
     assert verdict.evidence.unrecovered_dips == 1
     assert "1 dip(s) never recovered" in verdict.reasons
@@ -145,12 +140,12 @@ def test_verdict_final_below_best_partial():
 def test_verdict_final_within_margin_stable():
     top1 = rising_top1()
     top1[-1] = top1[-2] - 0.5
-    assert detect_run(make_run(top1)).verdict.verdict == STABLE
+    assert run_verdict(top1).verdict == STABLE
 
 
 def test_verdict_collapse_at_end_partial():
     std = [HEALTHY_STD] * 8 + [1e-5]
-    verdict = detect_run(make_run(feature_std=std)).verdict
+    verdict = run_verdict(feature_std=std)
     assert verdict.verdict == PARTIAL_FAILURE
     assert verdict.evidence.final_collapsed
     assert verdict.evidence.collapsed_steps == [400]
@@ -158,7 +153,7 @@ def test_verdict_collapse_at_end_partial():
 
 def test_verdict_cleared_collapse_recovered():
     std = [HEALTHY_STD] * 4 + [1e-5] + [HEALTHY_STD] * 4
-    verdict = detect_run(make_run(feature_std=std)).verdict
+    verdict = run_verdict(feature_std=std)
     assert verdict.verdict == RECOVERED_DIPS
     assert not verdict.evidence.final_collapsed
 
@@ -166,27 +161,30 @@ def test_verdict_cleared_collapse_recovered():
 def test_verdict_nan_loss_diverged():
     loss = np.full(STEPS, 1.0)
     loss[250] = np.nan
-    verdict = detect_run(make_run(loss=loss)).verdict
+    verdict = run_verdict(loss=loss)
     assert verdict.verdict == DIVERGED
     assert verdict.evidence.nonfinite_loss_step == 250
 
 
+def failed_verdict(reason: str) -> RunVerdict:
+    """Return the verdict of a run whose status is failed at step 120 for ``reason``."""
+    return run_verdict(status={"state": "failed", "step": 120, "reason": reason})
+
+
 def test_verdict_failed_status_diverged():
-    status = {"state": "failed", "step": 120, "reason": "non-finite loss"}
-    verdict = detect_run(make_run(status=status)).verdict
+    verdict = failed_verdict("non-finite loss")
     assert verdict.verdict == DIVERGED
     assert verdict.reasons == ["run failed: non-finite loss"]
 
 
 def test_verdict_other_failure_not_diverged():
-    status = {"state": "failed", "step": 120, "reason": "OSError: disk full"}
-    verdict = detect_run(make_run(status=status)).verdict
+    verdict = failed_verdict("OSError: disk full")
     assert verdict.verdict == STABLE
     assert verdict.evidence.incomplete
 
 
 def test_verdict_no_evals_undetermined():
-    verdict = detect_run(make_run([])).verdict
+    verdict = run_verdict([])
     assert verdict.verdict == UNDETERMINED
     assert math.isnan(verdict.evidence.best_top1)
     json.dumps(verdict.to_dict(), allow_nan=False)
@@ -214,7 +212,7 @@ def test_chance_flag_outside_tolerance_clear():
 def test_chance_at_end_partial_failure():
     loss = np.full(STEPS, CHANCE / 2)
     loss[300:] = CHANCE
-    verdict = detect_run(make_run(loss=loss)).verdict
+    verdict = run_verdict(loss=loss)
     assert verdict.verdict == PARTIAL_FAILURE
     assert verdict.evidence.at_chance_steps == [350, 400]
 
@@ -257,13 +255,13 @@ def test_attribution_window_and_order():
     run = make_run(with_dip(recover=True))
     dips = find_dips(run.evals)
     spikes = {
-        "grad_norm": [spike("grad_norm", 170)],
-        "grad_norm[patch_embed]": [spike("grad_norm[patch_embed]", 160)],
+        "grad_norm": [spike_event("grad_norm", 170)],
+        "grad_norm[patch_embed]": [spike_event("grad_norm[patch_embed]", 160)],
         "grad_norm[blocks.01]": [
-            spike("grad_norm[blocks.01]", 170),
-            spike("grad_norm[blocks.01]", 200),
+            spike_event("grad_norm[blocks.01]", 170),
+            spike_event("grad_norm[blocks.01]", 200),
         ],
-        "token_grad_norm": [spike("token_grad_norm", 20)],
+        "token_grad_norm": [spike_event("token_grad_norm", 20)],
     }
     order = ["grad_norm[patch_embed]", "token_grad_norm", "grad_norm[blocks.01]", "grad_norm"]
     (attribution,) = attribute_dips(dips, run.evals, spikes, order, AttributionParams(100))
