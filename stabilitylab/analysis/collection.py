@@ -1,0 +1,176 @@
+"""Several runs read at once, from run folders, glob patterns or a sweep folder."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+from stabilitylab.analysis.rundata import Detectors, RunData, resolve_detectors, run_values
+from stabilitylab.errors import ConfigError, RunDirError
+from stabilitylab.report.summary import run_labels
+from stabilitylab.report.sweep import ReportSweep, load_report_sweep
+from stabilitylab.runs import CONFIG_FILE, TABLE_COLUMNS, read_run
+from stabilitylab.sweep import SWEEP_FILE, is_sweep_dir
+
+log = logging.getLogger(__name__)
+
+RunSource = str | os.PathLike[str]
+# Frames that RunSet.table stacks: the stored tables and the detected events.
+STACKABLE = (*TABLE_COLUMNS, "events")
+GLOB_CHARACTERS = frozenset("*?[")
+
+
+class RunSet(list[RunData]):
+    """A list of :class:`RunData`, with stacked tables; ``sweep`` is set for a sweep folder.
+
+    ``sweep`` contains the sweep's ``path``, its ``manifest`` (the lr, batch-size, arm and
+    seed grid and the shared options) and the names of the grid points not run yet
+    (``missing``).
+    """
+
+    def __init__(self, runs: Iterable[RunData] = (), sweep: ReportSweep | None = None) -> None:
+        super().__init__(runs)
+        self.sweep = sweep
+
+    def __repr__(self) -> str:
+        where = f", sweep={str(self.sweep.path)!r}" if self.sweep is not None else ""
+        return f"RunSet({self.labels!r}{where})"
+
+    @property
+    def labels(self) -> list[str]:
+        """One distinct label per run: name and arm, prefixed by the parent folder on a clash."""
+        return run_labels(self)
+
+    def table(self, name: str) -> pd.DataFrame:
+        """Stack one frame of every run, led by the columns run, arm, seed, lr and batch_size.
+
+        ``name`` is ``steps``, ``layers``, ``evals``, ``dense_knn`` or ``events``. ``run`` is
+        the run's label from :attr:`labels`. Raises ConfigError for another name.
+        """
+        if name not in STACKABLE:
+            raise ConfigError(
+                f"table {name!r} is not a run table; pass one of {', '.join(STACKABLE)}"
+            )
+        frames = []
+        for run, label in zip(self, self.labels, strict=True):
+            frame = getattr(run, name).copy()
+            identity = {"run": label, **run_values(run)}
+            for position, (column, value) in enumerate(identity.items()):
+                frame.insert(position, column, value)
+            frames.append(frame)
+        if not frames:
+            raise RunDirError("the run set is empty; load runs with stabilitylab.load_runs first")
+        non_empty = [frame for frame in frames if not frame.empty]
+        return pd.concat(non_empty or frames[:1], ignore_index=True)
+
+
+def load_runs(source: RunSource | Iterable[RunSource], detectors: Detectors = None) -> RunSet:
+    """Read several runs into a :class:`RunSet`, in the order given, each folder once.
+
+    ``source`` is a run folder, a sweep folder (one with ``sweep.json``), a folder whose
+    subfolders are runs, a glob pattern such as ``"runs/*"``, or a list of these. A sweep
+    gives its grid points that have a run folder, in grid order, and a pattern's matches
+    that are not runs are skipped. ``detectors`` is as in :func:`load_run`.
+
+    Raises RunDirError for an empty list, a missing path, a pattern that matches no run
+    folder and a folder that is neither a run, a sweep nor a folder of runs.
+    """
+    sources = [source] if isinstance(source, str | os.PathLike) else list(source)
+    if not sources:
+        raise RunDirError(
+            "no run folder was given; pass a run folder, a sweep folder, a glob pattern such "
+            "as 'runs/*', or a list of them"
+        )
+    params = resolve_detectors(detectors)
+    sweep = None
+    if len(sources) == 1 and _is_plain_path(sources[0]):
+        sweep = _read_sweep(Path(sources[0]).expanduser())
+    paths = sweep.run_paths if sweep is not None else _unique(_expand_all(sources))
+    runs = [RunData.from_run(read_run(path), params) for path in paths]
+    log.info("read %d runs", len(runs))
+    return RunSet(runs, sweep=sweep)
+
+
+def _is_plain_path(source: RunSource) -> bool:
+    return not GLOB_CHARACTERS.intersection(os.fspath(source))
+
+
+def _read_sweep(path: Path) -> ReportSweep | None:
+    return load_report_sweep([path]) if is_sweep_dir(path) else None
+
+
+def _expand_all(sources: Iterable[RunSource]) -> list[Path]:
+    paths: list[Path] = []
+    for source in sources:
+        if _is_plain_path(source):
+            paths += _expand_folder(Path(source).expanduser())
+        else:
+            paths += _expand_pattern(os.fspath(source))
+    return paths
+
+
+def _expand_folder(path: Path) -> list[Path]:
+    """Return the run folders that ``path`` stands for: itself, a sweep's runs or its subfolders."""
+    if not path.exists():
+        raise RunDirError(
+            f"{path} does not exist; pass a run folder, a sweep folder or a glob pattern "
+            "such as 'runs/*'"
+        )
+    if not path.is_dir():
+        raise RunDirError(f"{path} is a file, not a run folder; pass the folder that contains it")
+    if is_sweep_dir(path):
+        return load_report_sweep([path]).run_paths
+    if (path / CONFIG_FILE).is_file():
+        return [path]
+    children = sorted(child for child in path.iterdir() if (child / CONFIG_FILE).is_file())
+    if not children:
+        raise RunDirError(
+            f"{path} is not a run folder (no {CONFIG_FILE}), not a sweep folder (no "
+            f"{SWEEP_FILE}), and no subfolder of it is a run; pass the --out folder of "
+            "stabilitylab run or stabilitylab sweep"
+        )
+    return children
+
+
+def _expand_pattern(pattern: str) -> list[Path]:
+    """Return the run folders among the matches of a glob pattern, sweeps expanded."""
+    found = glob.glob(os.path.expanduser(pattern), recursive=True)
+    matches = sorted(Path(match) for match in found)
+    if not matches:
+        raise RunDirError(
+            f"the pattern {pattern!r} matches nothing; pass a pattern that matches run "
+            "folders, such as 'runs/*'"
+        )
+    paths: list[Path] = []
+    for match in matches:
+        if is_sweep_dir(match):
+            paths += load_report_sweep([match]).run_paths
+        elif (match / CONFIG_FILE).is_file():
+            paths.append(match)
+        else:
+            log.info("%s matches %r but is not a run folder, so it is skipped", match, pattern)
+    if not paths:
+        raise RunDirError(
+            f"the pattern {pattern!r} matches {len(matches)} paths but no run folder (one "
+            f"with {CONFIG_FILE}); pass a pattern that matches run folders"
+        )
+    return paths
+
+
+def _unique(paths: Iterable[Path]) -> list[Path]:
+    """Return ``paths`` in order without a second entry for the same folder."""
+    seen: set[Path] = set()
+    unique = []
+    for path in paths:
+        resolved = path.resolve()
+        if resolved in seen:
+            log.info("%s was given more than once, so it is read once", path)
+            continue
+        seen.add(resolved)
+        unique.append(path)
+    return unique
