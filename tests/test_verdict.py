@@ -197,6 +197,12 @@ def test_chance_loss_formula():
     assert chance_loss(make_run()) == pytest.approx(4 * 0.2 * math.log(256))
 
 
+def test_chance_loss_needs_method():
+    run = make_run()
+    del run.config["method"]
+    assert chance_loss(run) is None
+
+
 def test_chance_flag_after_warmup():
     report = check_sanity(make_run(loss=np.full(STEPS, CHANCE * 1.01)))
     # Warmup ends at step 100, and the 50-step window must lie after it.

@@ -124,9 +124,11 @@ def feature_dim(run: Run) -> int | None:
 def chance_loss(run: Run) -> float | None:
     """Return the MoCo v3 loss of uninformative features, ``4 tau ln(B)``, or None.
 
-    B is the global batch size from the derived values, or the configured batch size.
+    B is the global batch size from the derived values, or the configured batch size. A run
+    that does not name its method (one recorded by the monitor or imported) has no known
+    chance level, since the formula holds for the MoCo v3 loss only.
     """
-    if run.config.get("method", "mocov3") != "mocov3":
+    if run.config.get("method") != "mocov3":
         return None
     batch = run.derived.get("global_batch_size", run.config.get("batch_size"))
     temperature = run.config.get("temperature")

@@ -34,11 +34,15 @@ class FlushResult:
 
 @dataclass
 class MetricsRecorder:
-    """Collect host-side step values and flush them with the monitor's device buffers."""
+    """Collect host-side step values and flush them with the monitor's device buffers.
+
+    ``samples_per_step`` is None when the batch size is unknown, and ``samples_per_s`` is
+    then NaN.
+    """
 
     monitor: TrainingMonitor
     writer: RunWriter
-    samples_per_step: int
+    samples_per_step: int | None
     pending: list[HostStep] = field(default_factory=list)
     _chunk_start: float = field(default_factory=time.perf_counter)
 
@@ -61,7 +65,9 @@ class MetricsRecorder:
             raise RuntimeError(f"{len(hosts)} host rows but {drained.steps.shape[0]} device rows")
         # Throughput is averaged over the chunk: per-step host timings would only measure
         # kernel launches on an asynchronous device.
-        throughput = self.samples_per_step * len(hosts) / elapsed if elapsed > 0 else math.nan
+        throughput = math.nan
+        if self.samples_per_step is not None and elapsed > 0:
+            throughput = self.samples_per_step * len(hosts) / elapsed
         steps = self._steps_frame(hosts, drained.steps.numpy(), throughput)
         layers = self._layers_frame(hosts, drained.layers.numpy())
         bad = _first_nonfinite(hosts, steps)

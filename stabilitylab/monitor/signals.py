@@ -70,12 +70,14 @@ class TrainingMonitor:
 
     Call order per step: :meth:`record_gradients` after backward (and after AMP unscaling),
     :meth:`snapshot_weights` before ``optimizer.step()``, :meth:`record_updates` after it.
+    ``token_module`` is the first block, whose input gradient becomes ``token_grad_norm``.
+    With None, that signal is NaN.
     """
 
     def __init__(
         self,
         groups: list[tuple[str, list[tuple[str, nn.Parameter]]]],
-        token_module: nn.Module,
+        token_module: nn.Module | None,
         device: torch.device,
         capacity: int,
     ) -> None:
@@ -94,7 +96,7 @@ class TrainingMonitor:
         self._before = [self.params[i].detach().clone() for i in self._trainable]
         self._before_sq: torch.Tensor | None = None
         self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
-        self.tokens = TokenGradient(token_module, device)
+        self.tokens = TokenGradient(token_module, device) if token_module is not None else None
         num_groups = len(groups)
         self._steps = torch.full((capacity, len(STEP_SIGNALS)), float("nan"), device=device)
         self._layers = torch.full(
@@ -145,12 +147,16 @@ class TrainingMonitor:
             self._layers[row, :, 0] = float("nan")
             total = torch.full((), float("nan"), device=self.device)
         # The token gradient comes from a tensor hook, before the scaler unscales parameters.
-        token = self.tokens.squared.sqrt() / scale.float()
+        if self.tokens is not None:
+            token = self.tokens.squared.sqrt() / scale.float()
+        else:
+            token = torch.full((), float("nan"), device=self.device)
         loss_value = loss.detach().float()
         torch.logical_or(self.nonfinite, ~torch.isfinite(loss_value), out=self.nonfinite)
         values = torch.stack([loss_value, total, token, scale.float()])
         self._steps[row] = values
-        self.tokens.reset()
+        if self.tokens is not None:
+            self.tokens.reset()
 
     def snapshot_weights(self) -> None:
         """Copy the trainable weights so that the update of the coming step can be measured."""
@@ -190,4 +196,5 @@ class TrainingMonitor:
         return drained
 
     def close(self) -> None:
-        self.tokens.remove()
+        if self.tokens is not None:
+            self.tokens.remove()

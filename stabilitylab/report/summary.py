@@ -200,6 +200,8 @@ def configuration_table(runs: Sequence[Run], labels: Sequence[str]) -> Table:
         values = [format_config_value(run.config.get(key)) for key, _ in CONFIG_KEYS]
         actual_lr = format_config_value(run.derived.get("lr"))
         projection = "frozen at init" if run.frozen else "learned"
+        if "freeze_patch_embed" not in run.config:
+            projection = MISSING  # a monitored model without a patch_embed group
         rows.append((label, *values, actual_lr, projection))
     return Table(columns=columns, rows=tuple(rows), caption="Configuration")
 
@@ -211,7 +213,14 @@ def run_folders_table(runs: Sequence[Run], labels: Sequence[str]) -> Table:
 
 # Settings that do not change what a run computes, so two arms may differ in them and still
 # be paired.
-PAIRING_IGNORED = ("freeze_patch_embed", "preset", "flush_every", "checkpoint_every", "workers")
+PAIRING_IGNORED = (
+    "freeze_patch_embed",
+    "preset",
+    "flush_every",
+    "checkpoint_every",
+    "workers",
+    "tensorboard",
+)
 
 
 def pairing_key(run: Run) -> str:
