@@ -15,6 +15,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from stabilitylab.config import DATASETS, METHODS, MODELS, PRECISIONS, RunConfig, available_presets
@@ -24,6 +25,8 @@ log = logging.getLogger("stabilitylab")
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+# The value argparse stores for --tensorboard given without a folder.
+BARE_TENSORBOARD_FLAG = object()
 
 
 class Parser(argparse.ArgumentParser):
@@ -274,6 +277,16 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> Parser:
         action="store_true",
         help="replace the run directory at --out if one is there",
     )
+    parser.add_argument(
+        "--tensorboard",
+        nargs="?",
+        const=BARE_TENSORBOARD_FLAG,
+        default=argparse.SUPPRESS,
+        metavar="DIR",
+        help="also write the loss, lr, gradient norms per layer, token gradient norm and kNN "
+        "accuracy as TensorBoard scalars into DIR (default: RUN_DIR/tensorboard); needs the "
+        "tensorboard package",
+    )
     parser.add_argument("--quiet", action="store_true", help="log only warnings and errors")
     _add_run_options(parser)
     return parser
@@ -521,6 +534,68 @@ def _add_sweep_parser(subparsers: argparse._SubParsersAction) -> Parser:
     return parser
 
 
+# stabilitylab.importers.FORMATS, which is not imported here because it loads pandas; a test
+# checks that the two agree.
+IMPORT_FORMATS = ("auto", "tensorboard", "lightning-csv", "wandb-csv")
+
+
+def _add_import_parser(subparsers: argparse._SubParsersAction) -> Parser:
+    parser = subparsers.add_parser(
+        "import",
+        help="turn a run logged by TensorBoard, Lightning's CSVLogger or wandb into a run "
+        "directory",
+        description="Read the scalars of a run trained with another tool and write a run "
+        "directory that stabilitylab report reads. Columns are matched to signals by common "
+        "names (train/loss, lr-AdamW, grad_2.0_norm/PARAMETER, val/knn_acc ...) and --map; "
+        "signals without a column are NaN and listed in config.json, never guessed.",
+    )
+    parser.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="a TensorBoard event file or folder, a Lightning metrics.csv or version_N "
+        "folder, or a wandb CSV export",
+    )
+    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="new run directory")
+    parser.add_argument(
+        "--format",
+        choices=IMPORT_FORMATS,
+        default="auto",
+        help="format of SOURCE; auto tells it from the file names and CSV columns "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="COLUMN=SIGNAL",
+        help="read SIGNAL (loss, lr, grad_norm, knn_top1, grad_norm[blocks.00] ...) from "
+        "COLUMN, overriding the built-in names; COLUMN=step names a CSV step column, "
+        "COLUMN=ignore skips a column, and knn_top1:fraction or knn_top1:percent sets an "
+        "accuracy's unit (default: fraction when every value lies in [0, 1]); repeatable",
+    )
+    arm = parser.add_mutually_exclusive_group()
+    arm.add_argument(
+        "--frozen",
+        dest="frozen",
+        action="store_true",
+        default=None,
+        help="the run kept its patch projection frozen",
+    )
+    arm.add_argument(
+        "--learned",
+        dest="frozen",
+        action="store_false",
+        help="the run trained its patch projection (the default)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run directory at --out if one is there",
+    )
+    parser.add_argument("--quiet", action="store_true", help="log only warnings and errors")
+    return parser
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="stabilitylab",
@@ -539,6 +614,7 @@ def build_parser() -> Parser:
         "report": _add_report_parser(subparsers),
         "calibrate": _add_calibrate_parser(subparsers),
         "sweep": _add_sweep_parser(subparsers),
+        "import": _add_import_parser(subparsers),
     }
     return parser
 
@@ -577,13 +653,30 @@ def _command_run(args: argparse.Namespace) -> int:
     from stabilitylab.train.loop import run_training
 
     signal.signal(signal.SIGTERM, _raise_terminated)
-    config = build_config(args.preset, **_run_overrides(args))
+    overrides = _run_overrides(args)
+    if hasattr(args, "tensorboard"):
+        overrides["tensorboard"] = _tensorboard_folder(args.tensorboard)
+    config = build_config(args.preset, **overrides)
     result = run_training(config, args.out, overwrite=args.overwrite)
     print(
         f"{result.run_dir}: {result.steps} steps, kNN top-1 final {result.final_knn_top1:.2f}% "
         f"best {result.best_knn_top1:.2f}%"
     )
     return 0
+
+
+def _tensorboard_folder(value: object) -> str:
+    """Return the configuration value of --tensorboard.
+
+    The bare flag gives the relative name that RunConfig takes inside the run directory,
+    and a folder the user passed is made absolute, so it keeps meaning the same folder.
+    """
+    if value is BARE_TENSORBOARD_FLAG:
+        return "tensorboard"  # stabilitylab.train.tensorboard.DEFAULT_DIR_NAME
+    text = str(value)
+    if not text.strip():
+        return text  # rejected by the configuration check, which names the option
+    return str(Path(text).resolve())
 
 
 def _command_report(args: argparse.Namespace) -> int:
@@ -604,6 +697,25 @@ def _command_report(args: argparse.Namespace) -> int:
         )
     folder = write_report(args.runs, args.out, params=params)
     print(f"report written to {folder / 'report.html'}")
+    return 0
+
+
+def _command_import(args: argparse.Namespace) -> int:
+    from stabilitylab.importers import import_run
+
+    result = import_run(
+        args.source,
+        args.out,
+        format=args.format,
+        mapping=args.map,
+        frozen=args.frozen,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"{result.run_dir}: imported {result.rows['steps']} steps and {result.rows['evals']} "
+        f"evaluations from {args.source} ({result.format}); {len(result.missing)} signals have "
+        "no column (derived.import.missing in config.json)"
+    )
     return 0
 
 
@@ -689,6 +801,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "report": _command_report,
         "calibrate": _command_calibrate,
         "sweep": _command_sweep,
+        "import": _command_import,
     }[args.command]
     try:
         return command(args)

@@ -85,6 +85,9 @@ class RunConfig:
     workers: int = 0
     inject_spikes: tuple[str, ...] = ()  # STEP:LAYER:FACTOR gradient multipliers
     lr_spikes: tuple[str, ...] = ()  # STEP:FACTOR learning-rate multipliers
+    # Folder for TensorBoard scalars, or None for none. A relative path is taken inside the
+    # run directory, so "tensorboard" is RUN_DIR/tensorboard.
+    tensorboard: str | None = None
 
     @property
     def model_spec(self) -> ModelSpec:
@@ -241,6 +244,12 @@ def validate(config: RunConfig) -> None:
     _require(
         0 <= config.seed < 2**32,
         f"--seed {config.seed!r} is invalid: it must be a whole number from 0 to {2**32 - 1}",
+    )
+    _require(
+        config.tensorboard is None
+        or (isinstance(config.tensorboard, str) and config.tensorboard.strip() != ""),
+        f"--tensorboard {config.tensorboard!r} is invalid: pass a folder name, or the bare "
+        "flag for RUN_DIR/tensorboard",
     )
     _validate_dense_knn(config)
     _validate_geometry(config)

@@ -12,6 +12,7 @@ A run directory contains:
 - ``frozen_check.json``: the end-of-run comparison of frozen parameters with their
   initial values.
 - ``checkpoint.pt``: the last checkpoint, also written atomically.
+- ``tensorboard/``: TensorBoard event files, with ``stabilitylab run --tensorboard`` only.
 
 Tables, one row per optimiser step (``steps``), per step and layer group (``layers``), per
 evaluation of the validation-split kNN monitor (``evals``) or of the dense kNN monitor
@@ -41,6 +42,8 @@ CONFIG_FILE = "config.json"
 STATUS_FILE = "status.json"
 FROZEN_CHECK_FILE = "frozen_check.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+# Name prefix of TensorBoard event files, which --overwrite may remove from a run directory.
+EVENT_FILE_PREFIX = "events.out.tfevents."
 
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "steps": (
@@ -117,29 +120,38 @@ def make_dir(path: Path, option: str) -> None:
         raise RunDirError(f"{option} {path} cannot be created: {error.strerror or error}") from None
 
 
-def prepare_run_dir(path: Path, overwrite: bool = False) -> Path:
+def prepare_run_dir(
+    path: Path,
+    overwrite: bool = False,
+    *,
+    out_option: str = "--out",
+    overwrite_option: str = "--overwrite",
+) -> Path:
     """Create ``path`` for a new run, rejecting a folder that already contains files.
 
     With ``overwrite`` a previous run directory at ``path`` is emptied first; a non-empty
-    folder that is not a run directory is never emptied.
+    folder that is not a run directory is never emptied. ``out_option`` and
+    ``overwrite_option`` are the names that error messages give the two settings, such as
+    ``out=`` and ``overwrite=True`` for a Python caller.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise RunDirError(f"--out {path} is a file, not a folder; pass a new folder name")
+        raise RunDirError(f"{out_option} {path} is a file, not a folder; pass a new folder name")
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise RunDirError(
-                f"--out {path} already contains files; pass a new folder or --overwrite "
+                f"{out_option} {path} already contains files; pass a new folder or "
+                f"{overwrite_option} "
                 "to replace the run that is there"
             )
         if not _is_run_dir(path):
             raise RunDirError(
-                f"--out {path} contains files but no {CONFIG_FILE} written by stabilitylab, so "
-                "it is not a run directory; --overwrite only replaces run directories, pass a "
-                "new folder"
+                f"{out_option} {path} contains files but no {CONFIG_FILE} written by "
+                f"stabilitylab, so it is not a run directory; {overwrite_option} only replaces "
+                "run directories, pass a new folder"
             )
-        _remove_run_files(path)
-    make_dir(path, "--out")
+        _remove_run_files(path, out_option, overwrite_option)
+    make_dir(path, out_option)
     return path
 
 
@@ -171,6 +183,15 @@ def _is_report_file(entry: Path) -> bool:
     return entry.name in REPORT_FILES or entry.suffix == ".png" or _is_temporary(entry)
 
 
+def _is_event_dir(entry: Path) -> bool:
+    """Tell whether ``entry`` is a folder of TensorBoard event files and nothing else."""
+    children = list(entry.iterdir())
+    return bool(children) and all(
+        child.is_file() and not child.is_symlink() and child.name.startswith(EVENT_FILE_PREFIX)
+        for child in children
+    )
+
+
 def _foreign_children(folder: Path, allowed: Callable[[Path], bool]) -> list[str]:
     return [
         f"{folder.name}/{child.name}"
@@ -195,18 +216,23 @@ def _foreign_entries(path: Path) -> list[str]:
             foreign += _foreign_children(entry, _is_chunk)
         elif entry.name == _REPORT_DIR and is_report_dir(entry):
             foreign += _foreign_children(entry, _is_report_file)
+        elif _is_event_dir(entry):
+            pass  # written by stabilitylab run --tensorboard
         else:
             foreign.append(entry.name)
     return foreign
 
 
-def _remove_run_files(path: Path) -> None:
+def _remove_run_files(
+    path: Path, out_option: str = "--out", overwrite_option: str = "--overwrite"
+) -> None:
     """Empty a run directory, after checking that it contains nothing but run files."""
     foreign = _foreign_entries(path)
     if foreign:
         raise RunDirError(
-            f"--out {path} contains {', '.join(foreign)}, which stabilitylab did not write, so "
-            "--overwrite leaves the folder alone; move those away or pass a new folder"
+            f"{out_option} {path} contains {', '.join(foreign)}, which stabilitylab did not "
+            f"write, so {overwrite_option} leaves the folder alone; move those away or pass a "
+            "new folder"
         )
     for entry in path.iterdir():
         if entry.is_dir():
@@ -242,6 +268,9 @@ class RunWriter:
 
     def write_json(self, name: str, payload: Any) -> None:
         write_json_atomic(self.path / name, payload)
+
+    def close(self) -> None:
+        """Release the writer's open files. This writer keeps none open between writes."""
 
     def append(self, table: str, frame: pd.DataFrame) -> None:
         """Append ``frame`` to ``table`` as one new Parquet chunk."""
@@ -281,6 +310,7 @@ class Run:
     """One run directory read into memory: configuration, status and the tables.
 
     ``dense_knn`` is empty for a run without the dense kNN monitor, older runs included.
+    :func:`stabilitylab.load_run` returns a subclass that adds the detected events.
     """
 
     path: Path

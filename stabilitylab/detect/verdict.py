@@ -155,7 +155,7 @@ def collect_evidence(
     return VerdictEvidence(
         state=str(run.status.get("state", "unknown")),
         status_reason=str(reason) if reason else None,
-        nonfinite_loss_step=nonfinite_loss_step(run.steps),
+        nonfinite_loss_step=run_nonfinite_loss_step(run),
         evaluations=len(drawdowns),
         best_top1=best,
         final_top1=final,
@@ -186,6 +186,20 @@ def classify(evidence: VerdictEvidence) -> tuple[str, list[str]]:
     if trouble:
         return RECOVERED_DIPS, trouble
     return STABLE, ["no dips and no collapse or chance-loss flag"]
+
+
+def run_nonfinite_loss_step(run: Run) -> int | None:
+    """Return the first step of ``run`` whose loss is NaN or infinite, or None.
+
+    An imported run (``stabilitylab import``) has NaN in its steps table where the source
+    logged no loss, so its first non-finite logged loss is read from
+    ``derived.import.nonfinite_loss_step`` in ``config.json`` instead.
+    """
+    imported = run.derived.get("import")
+    if isinstance(imported, dict):
+        step = imported.get("nonfinite_loss_step")
+        return step if isinstance(step, int) and not isinstance(step, bool) else None
+    return nonfinite_loss_step(run.steps)
 
 
 def nonfinite_loss_step(steps: pd.DataFrame) -> int | None:

@@ -40,6 +40,11 @@ from stabilitylab.train.environment import describe_environment, resolve_device
 from stabilitylab.train.faults import FaultPlan
 from stabilitylab.train.precision import autocast_factory, build_scaler, scale_tensor
 from stabilitylab.train.schedules import build_lr_schedule, lr_at
+from stabilitylab.train.tensorboard import (
+    TensorBoardRunWriter,
+    check_tensorboard,
+    resolve_tensorboard_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +147,12 @@ class Trainer:
         self.monitor = TrainingMonitor(
             groups, self.model.backbone.blocks[0], device, config.flush_every
         )
-        self.writer = RunWriter(run_dir)
+        tensorboard_dir = resolve_tensorboard_dir(config.tensorboard, run_dir)
+        self.writer = (
+            RunWriter(run_dir)
+            if tensorboard_dir is None
+            else TensorBoardRunWriter(run_dir, tensorboard_dir)
+        )
         self.recorder = MetricsRecorder(
             self.monitor, self.writer, samples_per_step=config.batch_size
         )
@@ -414,6 +424,7 @@ class Trainer:
 
     def close(self) -> None:
         self.monitor.close()
+        self.writer.close()
 
 
 def _train_epochs(trainer: Trainer, progress: tqdm | None) -> None:
@@ -455,6 +466,7 @@ def run_training(
     seed_everything(config.seed)
     data = build_data(config)
     derived = derive(config, len(data.train), data.in_chans, data.num_classes)
+    check_tensorboard(config.tensorboard, Path(out))
     run_dir = prepare_run_dir(Path(out), overwrite=overwrite)
 
     trainer = Trainer(config, run_dir, data, derived, device)
