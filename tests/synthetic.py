@@ -88,22 +88,24 @@ def layers_frame(
     step: np.ndarray,
     grads: Mapping[str, np.ndarray],
     update_ratio: float | Mapping[str, np.ndarray | float] = 1e-3,
-    weight_norm: float = 1.0,
+    weight_norm: float | Mapping[str, np.ndarray | float] = 1.0,
 ) -> pd.DataFrame:
     """Build a layers table with one block of rows per layer, in the order of ``grads``.
 
-    ``update_ratio`` is one value for every layer or a mapping from layer to its values.
+    ``update_ratio`` and ``weight_norm`` are each one value for every layer or a mapping
+    from layer to its values.
     """
     frames = []
     for layer, grad in grads.items():
         ratio = update_ratio[layer] if isinstance(update_ratio, Mapping) else update_ratio
+        norm = weight_norm[layer] if isinstance(weight_norm, Mapping) else weight_norm
         frames.append(
             pd.DataFrame(
                 {
                     "step": step,
                     "layer": layer,
                     "grad_norm": grad,
-                    "weight_norm": weight_norm,
+                    "weight_norm": norm,
                     "update_ratio": ratio,
                 }
             )

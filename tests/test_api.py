@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import TINY_RUN
+from synthetic import evals_frame, layers_frame, log_noise, steps_frame
 
 import stabilitylab
 from stabilitylab import (
@@ -30,7 +31,7 @@ from stabilitylab import (
 from stabilitylab.analysis import COMPARE_COLUMNS, EVENT_COLUMNS, SENSITIVITY_COLUMNS, SWEEP_COLUMNS
 from stabilitylab.detect import DetectorParams, SpikeParams, detect_run
 from stabilitylab.detect.params_file import write_detector_file
-from stabilitylab.runs import TABLE_COLUMNS, Run, RunWriter, read_run
+from stabilitylab.runs import Run, RunWriter, read_run
 from stabilitylab.sweep import build_manifest, make_grid, run_name, run_sweep
 
 LAYERS = ["patch_embed", "cls_token", "blocks.00", "blocks.01", "norm", "projector", "predictor"]
@@ -92,64 +93,36 @@ def write_synthetic_run(path: Path, frozen: bool = False, seed: int = 0) -> Path
 
 
 def synthetic_steps(step: np.ndarray, rng: np.random.Generator) -> pd.DataFrame:
-    token = np.exp(rng.normal(-2.0, 0.05, len(step)))
-    token[SPIKE_STEP] *= 12.0
-    frame = pd.DataFrame(
-        {
-            "step": step,
-            "epoch": step / 40,
-            "loss": 2.0 * np.exp(rng.normal(0.0, 0.005, len(step))),
-            "lr": 1.5e-4,
-            "momentum": 0.99,
-            "weight_decay": 0.1,
-            "grad_norm": np.exp(rng.normal(0.0, 0.05, len(step))),
-            "token_grad_norm": token,
-            "loss_scale": 1.0,
-            "samples_per_s": 1000.0,
-            "wall_time": step * 0.1,
-        }
+    token = log_noise(rng, len(step), {SPIKE_STEP: 12.0}, spread=0.05, log_mean=-2.0)
+    return steps_frame(
+        step,
+        loss=2.0 * np.exp(rng.normal(0.0, 0.005, len(step))),
+        grad_norm=log_noise(rng, len(step), spread=0.05),
+        token_grad_norm=token,
+        epoch=step / 40,
+        lr=1.5e-4,
+        samples_per_s=1000.0,
     )
-    return frame[list(TABLE_COLUMNS["steps"])]
 
 
 def synthetic_layers(step: np.ndarray, rng: np.random.Generator, frozen: bool) -> pd.DataFrame:
-    frames = []
-    for position, layer in enumerate(LAYERS):
-        grad = np.exp(rng.normal(0.0, 0.05, len(step)))
-        if layer == "patch_embed":
-            grad[SPIKE_STEP] *= 15.0
-            if frozen:
-                grad[:] = np.nan
-        if layer == "blocks.01":
-            grad[LAST_BLOCK_SPIKE_STEP] *= 9.0
-        if layer == "blocks.00":
-            grad[FAULT_STEP] *= 20.0
-        frame = pd.DataFrame(
-            {
-                "step": step,
-                "layer": layer,
-                "grad_norm": grad,
-                "weight_norm": float(position + 1),
-                "update_ratio": 1e-3,
-            }
-        )
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
+    planted = {
+        "patch_embed": {SPIKE_STEP: 15.0},
+        "blocks.01": {LAST_BLOCK_SPIKE_STEP: 9.0},
+        "blocks.00": {FAULT_STEP: 20.0},
+    }
+    grads = {layer: log_noise(rng, len(step), planted.get(layer), spread=0.05) for layer in LAYERS}
+    if frozen:
+        grads["patch_embed"][:] = np.nan
+    weights = {layer: float(position + 1) for position, layer in enumerate(LAYERS)}
+    return layers_frame(step, grads, weight_norm=weights)
 
 
 def synthetic_evals() -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "step": [0, 40, 80, DIP_STEP, RECOVERY_STEP],
-            "epoch": [0.0, 1.0, 2.0, 3.0, 3.975],
-            "knn_top1": [10.0, 40.0, 50.0, 30.0, 51.0],
-            "knn_top5": np.nan,
-            "feature_std": 0.1,
-            "effective_rank": 20.0,
-            "n_bank": 5000,
-            "n_query": 1000,
-            "eval_seconds": 1.0,
-        }
+    return evals_frame(
+        [0, 40, 80, DIP_STEP, RECOVERY_STEP],
+        [10.0, 40.0, 50.0, 30.0, 51.0],
+        epoch=[0.0, 1.0, 2.0, 3.0, 3.975],
     )
 
 

@@ -166,13 +166,31 @@ def evaluate_knn_row(
     result = weighted_knn(
         bank_features, bank_labels, queries, query_labels, classes, k=k, temperature=temperature
     )
-    frame = pd.DataFrame(
+    standard_error = bootstrap_accuracy_se(result.correct, seed=step)
+    frame = evals_row(result, queries, step, epoch, standard_error, started)
+    return KnnRow(result=result, frame=frame)
+
+
+def evals_row(
+    result: KnnResult,
+    queries: torch.Tensor,
+    step: int,
+    epoch: float,
+    standard_error: float,
+    started: float,
+) -> pd.DataFrame:
+    """Return the ``evals`` row of one kNN evaluation that began at ``started``.
+
+    ``queries`` are the L2-normalised query features, from which the collapse signals are
+    taken; ``started`` is a :func:`time.perf_counter` value.
+    """
+    return pd.DataFrame(
         {
             "step": [step],
             "epoch": [epoch],
             "knn_top1": [result.top1],
             "knn_top5": [result.top5 if result.top5 is not None else math.nan],
-            "knn_top1_se": [bootstrap_accuracy_se(result.correct, seed=step)],
+            "knn_top1_se": [standard_error],
             "knn_correct": [pack_hits(result.correct)],
             "feature_std": [embedding_std(queries)],
             "effective_rank": [effective_rank(queries)],
@@ -181,4 +199,3 @@ def evaluate_knn_row(
             "eval_seconds": [time.perf_counter() - started],
         }
     )
-    return KnnRow(result=result, frame=frame)

@@ -18,9 +18,8 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
 from probes.bootstrap import bootstrap_accuracy_se
-from probes.collapse import effective_rank, embedding_std
 from probes.dense import FeatureQueue, queue_feature_std, queue_knn
-from probes.knn import KnnResult, extract_features, pack_hits, weighted_knn
+from probes.knn import KnnResult, extract_features, weighted_knn
 from stabilitylab.config import Derived, RunConfig, derive
 from stabilitylab.data import DataBundle, build_data
 from stabilitylab.errors import TrainingError
@@ -32,6 +31,7 @@ from stabilitylab.models.vit import (
     freeze_patch_embed,
     patch_embed_parameters,
 )
+from stabilitylab.monitor.knn_eval import evals_row
 from stabilitylab.monitor.recorder import HostStep, MetricsRecorder
 from stabilitylab.monitor.signals import TrainingMonitor
 from stabilitylab.runs import CHECKPOINT_FILE, FROZEN_CHECK_FILE, RunWriter, prepare_run_dir
@@ -305,21 +305,9 @@ class Trainer:
             k=self.config.knn_k,
             temperature=self.config.knn_temperature,
         )
-        frame = pd.DataFrame(
-            {
-                "step": [self.step],
-                "epoch": [self.step / self.derived.steps_per_epoch],
-                "knn_top1": [result.top1],
-                "knn_top5": [result.top5 if result.top5 is not None else float("nan")],
-                "knn_top1_se": [self.top1_standard_error(result)],
-                "knn_correct": [pack_hits(result.correct)],
-                "feature_std": [embedding_std(queries)],
-                "effective_rank": [effective_rank(queries)],
-                "n_bank": [result.n_bank],
-                "n_query": [result.n_query],
-                "eval_seconds": [time.perf_counter() - started],
-            }
-        )
+        epoch = self.step / self.derived.steps_per_epoch
+        standard_error = self.top1_standard_error(result)
+        frame = evals_row(result, queries, self.step, epoch, standard_error, started)
         self.writer.append("evals", frame)
         self.evals.append(result)
         return result
