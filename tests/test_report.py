@@ -10,14 +10,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from synthetic import evals_frame, layers_frame, log_noise, steps_frame
+from synthetic import evals_frame, layers_frame, log_noise, memory_run, steps_frame
 
 from stabilitylab.errors import RunDirError
 from stabilitylab.report import figures as report_figures
 from stabilitylab.report import write_report
+from stabilitylab.report.diagnosis import arm_difference_table
 from stabilitylab.report.figures import max_pool_steps
 from stabilitylab.report.markdown import escape_markdown
-from stabilitylab.report.summary import status_text
+from stabilitylab.report.summary import pair_arms, seed_comparison_table, status_text
 from stabilitylab.runs import RunWriter, read_run
 
 LAYERS = ["patch_embed", "cls_token", "blocks.00", "blocks.01", "blocks.02", "norm", "projector"]
@@ -569,3 +570,54 @@ def test_report_hidden_cost_stable_twin(tmp_path):
     assert learned_row[5] == "+3.00"
     assert learned_row[6] == "+3.00"
     assert frozen_row[4:] == ["none", "n/a", "n/a"]
+
+
+def sweep_pair_runs() -> list:
+    """Return in-memory learned and frozen runs at lr 0.1 and 0.05, seeds 0 and 1."""
+    runs = []
+    for lr, gain in ((0.1, 4.0), (0.05, 1.0)):
+        for seed in (0, 1):
+            for frozen in (False, True):
+                top1 = 50.0 + (gain if frozen else 0.0) + seed
+                config = {"freeze_patch_embed": frozen, "seed": seed, "lr": lr}
+                runs.append(
+                    memory_run(
+                        steps_frame(np.arange(2), np.ones(2), np.ones(2), np.ones(2)),
+                        layers_frame(np.arange(2), {"blocks.00": np.ones(2)}),
+                        name=f"lr{lr}-{'frozen' if frozen else 'learned'}-s{seed}",
+                        config=config,
+                        derived={"layers": ["blocks.00"]},
+                        evals=evals_frame([0, 1], [40.0, top1]),
+                    )
+                )
+    return runs
+
+
+def test_pairs_named_by_setting():
+    pairs, _ = pair_arms(sweep_pair_runs())
+    assert [pair.label for pair in pairs] == [
+        "lr 0.05, seed 0",
+        "lr 0.05, seed 1",
+        "lr 0.1, seed 0",
+        "lr 0.1, seed 1",
+    ]
+
+
+def test_arm_difference_rows_per_setting():
+    runs = sweep_pair_runs()
+    pairs, _ = pair_arms(runs)
+    rows = arm_difference_table(runs, pairs).rows
+    assert [row[0] for row in rows[::2]] == [
+        "final kNN top-1, frozen − learned, lr 0.05",
+        "final kNN top-1, frozen − learned, lr 0.1",
+    ]
+    assert rows[0][2] == "+1.00"
+    assert rows[2][2] == "+4.00"
+
+
+def test_seed_comparison_mean_per_setting():
+    runs = sweep_pair_runs()
+    table = seed_comparison_table(runs, [run.name for run in runs])
+    means = [row for row in table.rows if row[0].startswith("mean over seeds")]
+    assert [row[0] for row in means] == ["mean over seeds, lr 0.05", "mean over seeds, lr 0.1"]
+    assert [row[5] for row in means] == ["+1.00 (n=2)", "+4.00 (n=2)"]

@@ -23,6 +23,7 @@ from stabilitylab.report.summary import (
     best_top1,
     final_top1,
     format_number,
+    group_pairs,
     pairing_key,
 )
 from stabilitylab.runs import Run
@@ -154,16 +155,19 @@ def arm_difference_table(runs: Sequence[Run], pairs: Sequence[ArmPair]) -> Table
     """Build the frozen-minus-learned mean, std and 95 % t interval over paired seeds."""
     quantities = (("final kNN top-1", final_top1), ("best kNN top-1", best_top1))
     rows = []
-    for name, measure in quantities:
-        deltas = [measure(runs[pair.frozen]) - measure(runs[pair.learned]) for pair in pairs]
-        per_seed = ", ".join(
-            f"{pair.seed}: {_signed(delta)}" for pair, delta in zip(pairs, deltas, strict=True)
-        )
-        rows.append(
-            (f"{name}, frozen − learned", per_seed, *_interval_cells(mean_interval(deltas)))
-        )
+    for setting, group in group_pairs(pairs):
+        for name, measure in quantities:
+            deltas = [measure(runs[pair.frozen]) - measure(runs[pair.learned]) for pair in group]
+            per_seed = ", ".join(
+                f"{pair.seed}: {_signed(delta)}" for pair, delta in zip(group, deltas, strict=True)
+            )
+            quantity = f"{name}, frozen − learned" + (f", {setting}" if setting else "")
+            rows.append((quantity, per_seed, *_interval_cells(mean_interval(deltas))))
     columns = ("quantity", "per seed", "mean", "std", "n", "95 % interval of the mean")
-    note = "The interval is the Student-t interval of the mean over seeds, shown for n >= 2."
+    note = (
+        "The interval is the Student-t interval of the mean over seeds, shown for n >= 2. "
+        "Pairs that differ in other settings (an lr sweep) get rows of their own."
+    )
     return Table(
         columns=columns,
         rows=tuple(rows),
@@ -179,7 +183,7 @@ def arm_events_table(events: Sequence[RunEvents], pairs: Sequence[ArmPair]) -> T
         learned, frozen = events[pair.learned], events[pair.frozen]
         rows.append(
             (
-                pair.seed,
+                pair.label,
                 *_side_by_side(learned, frozen, lambda item: str(len(item.dips))),
                 *_side_by_side(learned, frozen, _first_layer_spikes_text),
                 *_side_by_side(learned, frozen, lambda item: str(len(item.spikes_on(GRAD_NORM)))),

@@ -5,6 +5,7 @@ Accuracies are kNN top-1 in percent, and differences of accuracies are in points
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import Counter, defaultdict
@@ -238,11 +239,58 @@ def _differing_keys(runs: Sequence[Run]) -> list[str]:
 
 @dataclass(frozen=True)
 class ArmPair:
-    """The indices of the learned and the frozen run of one seed, and the seed as text."""
+    """The indices of the learned and the frozen run of one seed, and the seed as text.
+
+    ``setting`` names the values, other than the seed, in which this pair's configuration
+    differs from other pairs' (``"lr 0.1"`` in an lr sweep); it is empty when all pairs
+    share them.
+    """
 
     seed: str
     learned: int
     frozen: int
+    setting: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.setting}, seed {self.seed}" if self.setting else self.seed
+
+
+def group_pairs(pairs: Sequence[ArmPair]) -> list[tuple[str, list[ArmPair]]]:
+    """Group pairs by their ``setting``, in the order the settings first appear."""
+    groups: dict[str, list[ArmPair]] = {}
+    for pair in pairs:
+        groups.setdefault(pair.setting, []).append(pair)
+    return list(groups.items())
+
+
+def _with_settings(runs: Sequence[Run], pairs: list[ArmPair]) -> list[ArmPair]:
+    """Name each pair's differing settings and order the pairs by them, then by seed."""
+    keys = [key for key in _differing_keys([runs[p.learned] for p in pairs]) if key != "seed"]
+    if not keys:
+        return pairs
+
+    def values(pair: ArmPair) -> list[Any]:
+        return [runs[pair.learned].config.get(key) for key in keys]
+
+    def order(pair: ArmPair) -> tuple:
+        # Numbers sort by value and before text, so lr 0.05 comes before lr 0.1.
+        return tuple(
+            (0, value, "") if isinstance(value, int | float) else (1, 0, str(value))
+            for value in values(pair)
+        )
+
+    named = [
+        dataclasses.replace(
+            pair,
+            setting=", ".join(
+                f"{key} {format_config_value(value)}"
+                for key, value in zip(keys, values(pair), strict=True)
+            ),
+        )
+        for pair in pairs
+    ]
+    return sorted(named, key=order)  # stable, so seeds stay in order within a setting
 
 
 def pair_arms(runs: Sequence[Run]) -> tuple[list[ArmPair], list[str]]:
@@ -271,7 +319,7 @@ def pair_arms(runs: Sequence[Run]) -> tuple[list[ArmPair], list[str]]:
             continue
         pairs.append(ArmPair(seed=seed, learned=arms["learned"][0], frozen=arms["frozen"][0]))
     unpaired += _mismatched_seeds(runs, {pair.seed for pair in pairs})
-    return pairs, unpaired
+    return _with_settings(runs, pairs), unpaired
 
 
 def seed_comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table | None:
@@ -293,7 +341,7 @@ def seed_comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table |
         best_deltas.append(best_delta)
         rows.append(
             (
-                pair.seed,
+                pair.label,
                 labels[pair.learned],
                 labels[pair.frozen],
                 format_number(final_top1(learned)),
@@ -306,8 +354,15 @@ def seed_comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table |
         )
     if not rows and not unpaired:
         return None
-    if rows:
-        rows.append(_mean_row(final_deltas, best_deltas))
+    for setting, group in group_pairs(pairs):
+        members = [pairs.index(pair) for pair in group]
+        rows.append(
+            _mean_row(
+                [final_deltas[i] for i in members],
+                [best_deltas[i] for i in members],
+                f"mean over seeds, {setting}" if setting else "mean over seeds",
+            )
+        )
     note = ""
     if unpaired:
         note = "Not paired: " + "; ".join(unpaired)
@@ -345,7 +400,7 @@ def _mismatched_seeds(runs: Sequence[Run], paired_seeds: set[str]) -> list[str]:
     return notes
 
 
-def _mean_row(final_deltas: list[float], best_deltas: list[float]) -> tuple[str, ...]:
+def _mean_row(final_deltas: list[float], best_deltas: list[float], title: str) -> tuple[str, ...]:
     def mean_text(deltas: list[float]) -> str:
         finite = [delta for delta in deltas if math.isfinite(delta)]
         if not finite:
@@ -353,7 +408,7 @@ def _mean_row(final_deltas: list[float], best_deltas: list[float]) -> tuple[str,
         return f"{_format_delta(float(np.mean(finite)))} (n={len(finite)})"
 
     return (
-        "mean over seeds",
+        title,
         "",
         "",
         "",
