@@ -59,7 +59,7 @@ def run_dirs(paths: list[Path]) -> list[Path]:
     for path in paths:
         if is_sweep_dir(path):
             manifest = read_manifest(path)
-            folders.extend(path / point.name for point in manifest.points())
+            folders.extend(path / point.name for point in manifest.points)
         else:
             folders.append(path)
     return folders
