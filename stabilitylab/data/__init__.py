@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import Dataset, Subset
 
 from stabilitylab.config import RunConfig
+
+if TYPE_CHECKING:
+    from stabilitylab.data.skipped import SkippedImages
 
 
 @dataclass
@@ -24,6 +29,15 @@ class DataBundle:
     # Makes the two views from a whole batch on the training device, when the dataset
     # yields clean images instead of view pairs.
     batch_views: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    # Side of the square model input in pixels; None: the configuration's resolved size.
+    img_size: int | None = None
+    # The unreadable images skipped with --skip-bad-images, or None when none are skipped.
+    skipped: SkippedImages | None = None
+
+    def attach_run_dir(self, run_dir: Path) -> None:
+        """Write ``skipped_images.json`` into ``run_dir`` when the run skips bad images."""
+        if self.skipped is not None:
+            self.skipped.attach(run_dir)
 
 
 def limit_dataset(dataset: Dataset, limit: int, seed: int) -> Dataset:
@@ -41,6 +55,18 @@ def build_data(config: RunConfig) -> DataBundle:
         from stabilitylab.data.digits import build_digits
 
         return build_digits(config)
+    if config.dataset in ("cifar10", "cifar100"):
+        from stabilitylab.data.cifar import build_cifar
+
+        return build_cifar(config)
+    if config.dataset in ("mnist", "fashion-mnist"):
+        from stabilitylab.data.mnist import build_mnist
+
+        return build_mnist(config)
+    if config.dataset == "npz":
+        from stabilitylab.data.npz import build_npz
+
+        return build_npz(config)
     if config.dataset == "imagefolder":
         from stabilitylab.data.folder import build_imagefolder
 

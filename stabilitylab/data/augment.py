@@ -14,12 +14,18 @@ For 8x8 grayscale digits upsampled to 16 px (:class:`DigitsBatchTwoView`) the re
 - The blur kernel is 3 px with sigma in (0.1, 1.0), the recipe's 23 px and sigma
   (0.1, 2.0) scaled down to a 16 px image while still visibly softening strokes.
 - Solarization inverts values above 0.5, the middle of the [0, 1] range, as on RGB images.
+
+Other data held in memory (CIFAR, MNIST, Fashion-MNIST, npz arrays, small image folders)
+gets the recipe itself as batched tensor ops (:func:`recipe_batch_two_view`): the whole
+jitter and random grayscale on RGB, brightness and contrast on one channel, a blur kernel
+scaled to the image, and a flip where the dataset allows one. Streamed image folders get
+the recipe's per-image torchvision transforms (:func:`imagenet_two_view`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,25 +48,47 @@ class TwoViews:
         return self.view1(image), self.view2(image)
 
 
-class DigitsBatchTwoView:
-    """The digits views, drawn independently per image but computed for a whole batch at once.
+class BatchTwoView:
+    """Two views drawn independently per image but computed for a whole batch at once.
 
     Per-image torchvision transforms cost about 0.2 s per 256-image batch of 16 px images on a
     2-core CPU, about half a training step (benchmarks/augment_views.py), so the same
     operations run here as batched tensor ops on the training device. Each image gets its
-    own crop, jitter, blur and solarization draws from the global torch RNG. Two differences
-    from torchvision's versions: the crop box is clamped to the image instead of re-drawn,
-    and brightness is always applied before contrast.
+    own crop, jitter, blur, solarization and flip draws from the global torch RNG. Three
+    things differ from torchvision's versions. The crop box is clamped to the image instead
+    of re-drawn. The jitter always applies brightness, contrast, saturation and hue in this
+    order instead of a random one. The flip is drawn last, after solarization.
+
+    ``colour`` adds the RGB parts of the recipe (saturation 0.2 and hue 0.1 in the jitter,
+    random grayscale with p 0.2); without it the views suit one channel. ``mean`` and
+    ``std`` are one value, or one per channel.
     """
 
-    def __init__(self, img_size: int, crop_min_scale: float, mean: float, std: float) -> None:
+    def __init__(
+        self,
+        img_size: int,
+        crop_min_scale: float,
+        mean: float | Sequence[float],
+        std: float | Sequence[float],
+        *,
+        colour: bool = False,
+        flip: bool = False,
+        blur_kernel: int = 3,
+        blur_sigma: tuple[float, float] = (0.1, 1.0),
+    ) -> None:
         self.img_size = img_size
         self.crop_min_scale = crop_min_scale
         self.mean = mean
         self.std = std
+        self.colour = colour
+        self.flip = flip
+        self.blur_kernel = blur_kernel
+        self.blur_sigma = blur_sigma
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return two normalised views of ``images``, shape (B, 1, H, W) with values in [0, 1]."""
+        """Return two normalised views of ``images`` (B, C, H, W), uint8 or floats in [0, 1]."""
+        if images.dtype == torch.uint8:
+            images = images.float() / 255
         view1 = self._view(images, blur_p=1.0, solarize_p=0.0)
         view2 = self._view(images, blur_p=0.1, solarize_p=0.2)
         return view1, view2
@@ -68,9 +96,20 @@ class DigitsBatchTwoView:
     def _view(self, images: torch.Tensor, blur_p: float, solarize_p: float) -> torch.Tensor:
         x = self._resized_crop(images)
         x = self._jitter(x, p=0.8, strength=0.4)
-        x = self._blur(x, p=blur_p, sigma=(0.1, 1.0))
+        if self.colour:
+            x = self._random_grayscale(x, p=0.2)
+        x = self._blur(x, p=blur_p, sigma=self.blur_sigma)
         x = self._solarize(x, p=solarize_p, threshold=0.5)
-        return (x - self.mean) / self.std
+        if self.flip:
+            x = torch.where(self._chosen(x.shape[0], 0.5, x), x.flip(-1), x)
+        return self._normalise(x)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.mean, (int, float)) and isinstance(self.std, (int, float)):
+            return (x - self.mean) / self.std
+        mean = torch.as_tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.as_tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x - mean) / std
 
     def _uniform(self, batch: int, low: float, high: float, like: torch.Tensor) -> torch.Tensor:
         return torch.empty(batch, device=like.device, dtype=like.dtype).uniform_(low, high)
@@ -105,20 +144,37 @@ class DigitsBatchTwoView:
         shape = (batch, 1, 1, 1)
         brightness = self._uniform(batch, 1 - strength, 1 + strength, x).view(shape)
         contrast = self._uniform(batch, 1 - strength, 1 + strength, x).view(shape)
+        if self.colour:
+            saturation = self._uniform(batch, 1 - 0.2, 1 + 0.2, x).view(shape)
+            hue = self._uniform(batch, -0.1, 0.1, x)
         jittered = (x * brightness).clamp(0, 1)
-        mean = jittered.mean(dim=(1, 2, 3), keepdim=True)
+        # torchvision takes the contrast mean over the grayscale image of an RGB image.
+        luminance = grayscale(jittered) if self.colour else jittered
+        mean = luminance.mean(dim=(1, 2, 3), keepdim=True)
         jittered = ((jittered - mean) * contrast + mean).clamp(0, 1)
+        if self.colour:
+            gray = grayscale(jittered)
+            jittered = ((jittered - gray) * saturation + gray).clamp(0, 1)
+            jittered = shift_hue(jittered, hue)
         return torch.where(self._chosen(batch, p, x), jittered, x)
+
+    def _random_grayscale(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        gray = grayscale(x).expand_as(x)
+        return torch.where(self._chosen(x.shape[0], p, x), gray, x)
 
     def _blur(self, x: torch.Tensor, p: float, sigma: tuple[float, float]) -> torch.Tensor:
         batch, channels, height, width = x.shape
+        radius = self.blur_kernel // 2
         sigmas = self._uniform(batch, *sigma, x)
-        offsets = torch.tensor([-1.0, 0.0, 1.0], device=x.device, dtype=x.dtype)
+        offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
         taps = torch.exp(-(offsets[None, :] ** 2) / (2 * sigmas[:, None] ** 2))
-        taps = taps / taps.sum(dim=1, keepdim=True)  # (B, 3)
-        kernels = (taps[:, :, None] * taps[:, None, :]).view(batch, 1, 3, 3)
-        # One group per image: (1, B*C, H, W) convolved with B*C kernels of 3x3.
-        padded = F.pad(x.reshape(1, batch * channels, height, width), (1, 1, 1, 1), mode="reflect")
+        taps = taps / taps.sum(dim=1, keepdim=True)  # (B, kernel)
+        kernels = (taps[:, :, None] * taps[:, None, :]).view(
+            batch, 1, self.blur_kernel, self.blur_kernel
+        )
+        # One group per image channel: (1, B*C, H, W) convolved with B*C kernels.
+        padding = (radius, radius, radius, radius)
+        padded = F.pad(x.reshape(1, batch * channels, height, width), padding, mode="reflect")
         weight = kernels.repeat_interleave(channels, dim=0)
         blurred = F.conv2d(padded, weight, groups=batch * channels).view_as(x)
         return torch.where(self._chosen(batch, p, x), blurred, x)
@@ -128,10 +184,78 @@ class DigitsBatchTwoView:
         return torch.where(self._chosen(x.shape[0], p, x), solarized, x)
 
 
+class DigitsBatchTwoView(BatchTwoView):
+    """The digits views: one channel, no flip, a 3 px blur with sigma in (0.1, 1.0)."""
+
+    def __init__(self, img_size: int, crop_min_scale: float, mean: float, std: float) -> None:
+        super().__init__(img_size, crop_min_scale, mean, std)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """Return the luminance (B, 1, H, W) of RGB images with torchvision's ITU-R 601 weights."""
+    red, green, blue = x.unbind(dim=1)
+    return (0.2989 * red + 0.587 * green + 0.114 * blue).unsqueeze(1)
+
+
+def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of RGB images (B, 3, H, W) in [0, 1] by ``shift`` (B,) turns.
+
+    The image goes to HSV, its hue moves by the shift modulo 1, and it comes back to RGB,
+    as torchvision's ``adjust_hue`` does for one image.
+    """
+    red, green, blue = x.unbind(dim=1)
+    value, _ = x.max(dim=1)
+    delta = value - x.min(dim=1).values
+    saturation = torch.where(value > 0, delta / value.clamp(min=1e-12), torch.zeros_like(value))
+    safe_delta = torch.where(delta > 0, delta, torch.ones_like(delta))
+    # Hue in sixths of a turn; it has no effect where delta is 0, as saturation is 0 there.
+    sixths = torch.where(
+        value == red,
+        (green - blue) / safe_delta,
+        torch.where(value == green, 2 + (blue - red) / safe_delta, 4 + (red - green) / safe_delta),
+    )
+    hue = (sixths / 6 + shift.view(-1, 1, 1)) % 1.0
+    # HSV to RGB without branches: channel n of (5, 3, 1) for red, green and blue is
+    # v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6 hue) mod 6.
+    offsets = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = (offsets + 6 * hue.unsqueeze(1)) % 6
+    ramp = torch.minimum(k, 4 - k).clamp(0, 1)
+    return value.unsqueeze(1) * (1 - saturation.unsqueeze(1) * ramp)
+
+
+def blur_kernel_size(img_size: int) -> int:
+    """Return the recipe's blur kernel for ``img_size``: 23 px at 224 px, odd, at least 3."""
+    return max(3, int(img_size * 0.1) // 2 * 2 + 1)
+
+
+def recipe_batch_two_view(
+    img_size: int,
+    crop_min_scale: float,
+    mean: Sequence[float],
+    std: Sequence[float],
+    flip: bool,
+) -> BatchTwoView:
+    """Build the recipe's views for images held in memory, one channel or RGB.
+
+    RGB images get the whole recipe; one-channel images the jitter without saturation and
+    hue and no random grayscale. The blur kernel scales with the image as at 224 px.
+    """
+    return BatchTwoView(
+        img_size,
+        crop_min_scale,
+        tuple(mean),
+        tuple(std),
+        colour=len(mean) == 3,
+        flip=flip,
+        blur_kernel=blur_kernel_size(img_size),
+        blur_sigma=(0.1, 2.0),
+    )
+
+
 def imagenet_two_view(img_size: int, crop_min_scale: float) -> TwoViews:
     """Build the recipe's views of RGB PIL images as tensors with ImageNet normalisation."""
     # 23 px at 224 px, as in BYOL; kept odd for other sizes.
-    kernel = max(3, int(img_size * 0.1) // 2 * 2 + 1)
+    kernel = blur_kernel_size(img_size)
 
     def view(blur_p: float, solarize_p: float) -> Transform:
         return v2.Compose(

@@ -13,33 +13,15 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import Dataset
 
 from stabilitylab.config import RunConfig
 from stabilitylab.data import DataBundle, limit_dataset
 from stabilitylab.data.augment import DigitsBatchTwoView
+from stabilitylab.data.memory import TensorImages
 
 VAL_FRACTION = 0.25
 SPLIT_SEED = 0  # fixed on purpose: the split does not follow the run's seed
 PIXEL_MAX = 16.0
-
-
-class TensorImages(Dataset):
-    """Images held as one (N, C, H, W) tensor, with an optional per-image transform."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None) -> None:
-        self.images = images
-        self.labels = labels
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int):
-        image = self.images[index]
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.labels[index])
 
 
 def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -93,6 +75,7 @@ def build_digits(config: RunConfig) -> DataBundle:
         ),
         num_classes=10,
         in_chans=1,
+        img_size=size,
         description=(
             f"scikit-learn digits: {len(train_labels)} train / {len(val_labels)} validation "
             f"images, 8x8 upsampled to {size}x{size}, 1 channel, 10 classes"

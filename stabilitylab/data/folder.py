@@ -1,74 +1,297 @@
 """ImageNet-style folders: ``DATA_DIR/train/<class>/*.jpg`` and ``DATA_DIR/val/<class>/*.jpg``.
 
-Training uses the recipe's two-view augmentation at the model's image size. The kNN monitor
-uses a fixed random subset of at most ``knn_max_bank`` training images and
+With ``--val-split FRACTION``, ``DATA_DIR/<class>/*.jpg`` is one tree, split per class with
+a fixed seed. Every image becomes RGB (:mod:`stabilitylab.data.images`).
+
+A folder is held in memory when the run's image side is at most ``IN_MEMORY_MAX_SIDE`` and
+its decoded uint8 images take at most ``IN_MEMORY_MAX_BYTES``. Every image is then decoded
+once at the start, resized so its shorter side is the image size and centre-cropped, and
+the views are computed per batch on the training device, with the training split's
+per-channel normalisation. Any other folder is streamed from disk with the recipe's
+per-image torchvision views at the image size and ImageNet normalisation, and the kNN
+monitor uses a fixed random subset of at most ``knn_max_bank`` training and
 ``knn_max_query`` validation images, chosen by the run's seed.
+
+Unreadable files (empty, truncated, or not an image, such as text saved as ``.jpg``) are
+found where the images are decoded: all of them at the start for a folder held in memory,
+and for a streamed folder when a data loader first reads each one, so that the start does
+not decode every image of a large folder. Either raises a DataError naming the file, or,
+with ``--skip-bad-images``, skips it and lists it in ``RUN_DIR/skipped_images.json``. A
+streamed dataset then returns the next readable image in its list in place of the skipped
+one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-from torchvision.datasets import ImageFolder
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
 
 from stabilitylab.config import RunConfig
 from stabilitylab.data import DataBundle, limit_dataset
 from stabilitylab.data.augment import imagenet_eval, imagenet_two_view
+from stabilitylab.data.classfolder import ClassFolder
+from stabilitylab.data.images import UnreadableImageError, decode_rgb, format_mismatch
+from stabilitylab.data.memory import check_splits, in_memory_bundle
+from stabilitylab.data.skipped import SkippedImages
+from stabilitylab.data.splits import stratified_split
 from stabilitylab.errors import DataError
 
+log = logging.getLogger(__name__)
 
-def load_rgb(path: str) -> Image.Image:
-    """Open an image file as RGB, raising DataError that names a file PIL cannot read."""
-    try:
-        with open(path, "rb") as handle:
-            image = Image.open(handle)
-            return image.convert("RGB")
-    except UnidentifiedImageError:
-        reason = "not in an image format PIL can read"
-    except OSError as error:
-        reason = error.strerror or str(error)  # such as "image file is truncated"
-    raise DataError(f"image file {path} cannot be read ({reason}); remove or replace it")
+IN_MEMORY_MAX_SIDE = 64  # px; larger images are streamed with the per-image recipe
+IN_MEMORY_MAX_BYTES = 2 * 1024**3  # decoded uint8 images of both splits
+DECODE_THREADS = 8  # PIL releases the GIL while decoding
+NAMED_FILES = 5  # unreadable or mislabelled files named in one message
+
+Sample = tuple[str, int]
 
 
-def _image_folder(root: Path, transform) -> ImageFolder:
-    if not root.is_dir():
+@dataclasses.dataclass(frozen=True)
+class FolderSplits:
+    """The scanned image files of a folder dataset, split into training and validation."""
+
+    root: Path
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    non_image_files: list[str]
+
+
+class StreamedImages(Dataset):
+    """Image files decoded when read, with a transform; unreadable files raise or are skipped.
+
+    With ``skipped`` set, an unreadable file is recorded there and the next readable file in
+    ``samples`` takes its place, with that file's own label.
+    """
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        transform: Callable[[Any], Any],
+        split: str,
+        skipped: SkippedImages | None,
+    ) -> None:
+        self.samples = samples
+        self.targets = [label for _, label in samples]
+        self.transform = transform
+        self.split = split
+        self.skipped = skipped
+        self._unreadable: set[int] = set()
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        for offset in range(len(self.samples)):
+            position = (index + offset) % len(self.samples)
+            if position in self._unreadable:
+                continue
+            path, label = self.samples[position]
+            try:
+                decoded = decode_rgb(path)
+            except UnreadableImageError as error:
+                if self.skipped is None:
+                    raise
+                self._unreadable.add(position)
+                self.skipped.add(path, self.split, error.reason, found="loading")
+                continue
+            if format_mismatch(path, decoded.format) and path not in self._warned:
+                self._warned.add(path)
+                log.warning(
+                    "%s is a %s file despite its extension; read it as one", path, decoded.format
+                )
+            return self.transform(decoded.image), label
         raise DataError(
-            f"image folder {root} does not exist; --data-dir needs train/ and val/ inside"
+            f"none of the {len(self.samples)} images of the {self.split} split can be read; "
+            "see the skipped files in skipped_images.json"
         )
-    try:
-        return ImageFolder(str(root), transform=transform, loader=load_rgb)
-    except FileNotFoundError as error:
-        # torchvision raises this for a folder without class sub-folders or without images.
-        raise DataError(f"{root}: {error}") from None
+
+
+def _scan(root: Path, val_split: float | None) -> FolderSplits:
+    if val_split is None:
+        if not (root / "train").is_dir():
+            raise DataError(
+                f"image folder {root / 'train'} does not exist; --data-dir needs train/ and "
+                "val/ class folders inside, or pass --val-split FRACTION to split one tree of "
+                "class folders"
+            )
+        if not (root / "val").is_dir():
+            raise DataError(
+                f"image folder {root / 'val'} does not exist; add val/ class folders next to "
+                "train/, or pass --val-split FRACTION and point --data-dir at train/"
+            )
+        train, val = ClassFolder(root / "train"), ClassFolder(root / "val")
+        if val.classes != train.classes:
+            only_train = sorted(set(train.classes) - set(val.classes))
+            only_val = sorted(set(val.classes) - set(train.classes))
+            raise DataError(
+                f"{root / 'train'} and {root / 'val'} need the same class folders; only in "
+                f"train/: {only_train[:5] or 'none'}, only in val/: {only_val[:5] or 'none'}"
+            )
+        return FolderSplits(
+            root,
+            train.classes,
+            train.samples,
+            val.samples,
+            train.non_image_files + val.non_image_files,
+        )
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        raise DataError(
+            f"--data-dir {root} has train/ and val/ folders, so --val-split {val_split} would "
+            "treat them as two classes; drop --val-split to use them as the two splits"
+        )
+    tree = ClassFolder(root)
+    train_index, val_index = stratified_split(np.asarray(tree.targets), val_split)
+    return FolderSplits(
+        root,
+        tree.classes,
+        [tree.samples[i] for i in train_index],
+        [tree.samples[i] for i in val_index],
+        tree.non_image_files,
+    )
+
+
+def fits_in_memory(image_count: int, size: int) -> bool:
+    """Tell whether ``image_count`` RGB images of ``size`` px are held in memory."""
+    return size <= IN_MEMORY_MAX_SIDE and image_count * 3 * size * size <= IN_MEMORY_MAX_BYTES
+
+
+def _decode_all(
+    samples: list[Sample], size: int, split: str, skipped: SkippedImages | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode, resize and centre-crop every image to uint8 (N, 3, size, size)."""
+    resize = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.PILToTensor()])
+    images = torch.empty((len(samples), 3, size, size), dtype=torch.uint8)
+
+    def decode(index: int) -> tuple[str | None, UnreadableImageError | None]:
+        try:
+            decoded = decode_rgb(samples[index][0])
+        except UnreadableImageError as error:
+            return None, error
+        images[index] = resize(decoded.image)
+        return decoded.format, None
+
+    with ThreadPoolExecutor(max_workers=min(DECODE_THREADS, os.cpu_count() or 1)) as pool:
+        results = list(pool.map(decode, range(len(samples))))
+    errors = [error for _, error in results if error is not None]
+    if errors and skipped is None:
+        named = "; ".join(f"{error.path} ({error.reason})" for error in errors[:NAMED_FILES])
+        more = f" and {len(errors) - NAMED_FILES} more" if len(errors) > NAMED_FILES else ""
+        raise DataError(
+            f"{len(errors)} image file{'s' if len(errors) > 1 else ''} of the {split} split "
+            f"cannot be read: {named}{more}; remove or replace them, or pass --skip-bad-images "
+            "to skip them"
+        )
+    if skipped is not None:
+        for error in errors:
+            skipped.add(error.path, split, error.reason, found="build")
+    if errors:
+        log.warning("%s split: skipped %d unreadable image files", split, len(errors))
+    _warn_mismatched(samples, [image_format for image_format, _ in results], split)
+    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+    if not errors:
+        return images, labels
+    readable = torch.tensor([error is None for _, error in results])
+    return images[readable], labels[readable]
+
+
+def _warn_mismatched(samples: list[Sample], formats: list[str | None], split: str) -> None:
+    mismatched = [
+        f"{path} ({image_format})"
+        for (path, _), image_format in zip(samples, formats, strict=True)
+        if format_mismatch(path, image_format)
+    ]
+    if mismatched:
+        log.warning(
+            "%s split: %d image files are in another format than their extension names and "
+            "were read by their content: %s",
+            split,
+            len(mismatched),
+            ", ".join(mismatched[:NAMED_FILES]),
+        )
+
+
+def _summary(splits: FolderSplits, skipped: SkippedImages | None) -> str:
+    parts = [f"image folder {splits.root}"]
+    if skipped is not None and skipped.entries:
+        parts.append(f"{len(skipped.entries)} unreadable files skipped")
+    if splits.non_image_files:
+        parts.append(f"{len(splits.non_image_files)} non-image files ignored")
+    return ", ".join(parts)
+
+
+def _in_memory(
+    config: RunConfig, splits: FolderSplits, skipped: SkippedImages | None
+) -> DataBundle:
+    size = config.resolved_img_size
+    log.info("decoding %d images into memory at %d px", len(splits.train) + len(splits.val), size)
+    train = _decode_all(splits.train, size, "train", skipped)
+    val = _decode_all(splits.val, size, "val", skipped)
+    check_splits(len(train[1]), len(val[1]), str(splits.root))
+    bundle = in_memory_bundle(
+        config,
+        train,
+        val,
+        num_classes=len(splits.classes),
+        flip=True,
+        description=_summary(splits, skipped),
+    )
+    return dataclasses.replace(bundle, skipped=skipped)
+
+
+def _streamed(config: RunConfig, splits: FolderSplits, skipped: SkippedImages | None) -> DataBundle:
+    size = config.resolved_img_size
+    train = StreamedImages(
+        splits.train, imagenet_two_view(size, config.crop_min_scale), "train", skipped
+    )
+    bank = StreamedImages(splits.train, imagenet_eval(size), "train", skipped)
+    query = StreamedImages(splits.val, imagenet_eval(size), "val", skipped)
+    return DataBundle(
+        train=train,
+        knn_bank=limit_dataset(bank, config.knn_max_bank, config.seed),
+        knn_query=limit_dataset(query, config.knn_max_query, config.seed + 1),
+        num_classes=len(splits.classes),
+        in_chans=3,
+        img_size=size,
+        skipped=skipped,
+        description=(
+            f"{_summary(splits, skipped)}: {len(train)} train / {len(query)} validation images, "
+            f"{len(splits.classes)} classes, {size} px, streamed from disk"
+        ),
+    )
 
 
 def build_imagefolder(config: RunConfig) -> DataBundle:
     root = Path(config.data_dir or "")
     if not root.is_dir():
         raise DataError(f"--data-dir {root} does not exist or is not a folder")
+    splits = _scan(root, config.val_split)
+    if len(splits.classes) < 2:
+        raise DataError(
+            f"{root} has {len(splits.classes)} class folder; the kNN monitor needs at least 2 "
+            "classes to measure anything"
+        )
+    if splits.non_image_files:
+        log.warning(
+            "%s: skipped %d files without an image extension, such as %s",
+            root,
+            len(splits.non_image_files),
+            ", ".join(splits.non_image_files[:NAMED_FILES]),
+        )
+    check_splits(len(splits.train), len(splits.val), str(root))
+    skipped = SkippedImages(str(root), splits.non_image_files) if config.skip_bad_images else None
     size = config.resolved_img_size
-    train = _image_folder(root / "train", imagenet_two_view(size, config.crop_min_scale))
-    bank = _image_folder(root / "train", imagenet_eval(size))
-    query = _image_folder(root / "val", imagenet_eval(size))
-    if len(train.classes) < 2:
-        raise DataError(
-            f"{root / 'train'} has {len(train.classes)} class folder; the kNN monitor needs at "
-            "least 2 classes to measure anything"
-        )
-    if query.classes != train.classes:
-        raise DataError(
-            f"{root / 'val'} has classes {query.classes[:5]}... that differ from "
-            f"{root / 'train'}'s {train.classes[:5]}...; both need the same class folders"
-        )
-    return DataBundle(
-        train=train,
-        knn_bank=limit_dataset(bank, config.knn_max_bank, config.seed),
-        knn_query=limit_dataset(query, config.knn_max_query, config.seed + 1),
-        num_classes=len(train.classes),
-        in_chans=3,
-        description=(
-            f"image folder {root}: {len(train)} train / {len(query)} validation images, "
-            f"{len(train.classes)} classes, {size} px"
-        ),
-    )
+    if fits_in_memory(len(splits.train) + len(splits.val), size):
+        return _in_memory(config, splits, skipped)
+    return _streamed(config, splits, skipped)
