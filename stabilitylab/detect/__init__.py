@@ -8,6 +8,9 @@ Series names used as keys of :attr:`RunEvents.spikes`:
 - ``loss``, ``grad_norm`` (all trainable gradients) and ``token_grad_norm`` (the gradient
   with respect to the tokens entering ``blocks.00``), from the steps table;
 - ``grad_norm[LAYER]`` for each layer group of the layers table, see :func:`layer_series_name`.
+
+Steps that ``status.json`` lists as skipped (an fp16 overflow, or ``--on-nonfinite skip``)
+are left out of every spike series, so their inf or NaN norms never count as spikes.
 """
 
 from __future__ import annotations
@@ -33,6 +36,15 @@ from stabilitylab.detect.spikes import (
     score_spikes,
     spike_preset,
 )
+from stabilitylab.detect.training_events import (
+    Divergence,
+    LossScaleChange,
+    loss_divergence,
+    loss_scale_changes,
+    recorded_divergence,
+    skipped_steps,
+    without_steps,
+)
 from stabilitylab.detect.verdict import RunVerdict, judge_run
 from stabilitylab.runs import Run
 
@@ -43,12 +55,14 @@ __all__ = [
     "Dip",
     "DipAttribution",
     "DipParams",
+    "Divergence",
     "FaultMatch",
     "GRAD_NORM",
     "HEAD_LAYERS",
     "LOSS",
     "LagParams",
     "LagStats",
+    "LossScaleChange",
     "PATCH_EMBED",
     "RunEvents",
     "RunVerdict",
@@ -130,6 +144,8 @@ class RunEvents:
     ``--lr-spike``, matched to ``spikes`` as :mod:`stabilitylab.detect.faults` describes.
     ``dense_dips`` are the dips of the dense kNN monitor's top-1 (the ``dense_knn`` table),
     empty when it did not run; the verdict uses ``dips``, from the validation split.
+    ``divergence``, ``skipped_steps`` and ``loss_scale_changes`` are the events that the
+    training loop recorded, see :mod:`stabilitylab.detect.training_events`.
     """
 
     run_name: str
@@ -146,6 +162,9 @@ class RunEvents:
     verdict: RunVerdict | None = None
     planted_faults: list[FaultMatch] = field(default_factory=list)
     dense_dips: list[Dip] = field(default_factory=list)
+    divergence: Divergence | None = None
+    skipped_steps: list[int] = field(default_factory=list)
+    loss_scale_changes: list[LossScaleChange] = field(default_factory=list)
 
     def spikes_on(self, series: str | None) -> list[SpikeEvent]:
         """Return the spikes of one series, or an empty list for an unknown or None key."""
@@ -172,6 +191,9 @@ class RunEvents:
             "verdict": self.verdict.to_dict() if self.verdict is not None else None,
             "planted_faults": [match.to_dict() for match in self.planted_faults],
             "dense_dips": [dip.to_dict() for dip in self.dense_dips],
+            "divergence": self.divergence.to_dict() if self.divergence is not None else None,
+            "skipped_steps": list(self.skipped_steps),
+            "loss_scale_changes": [change.to_dict() for change in self.loss_scale_changes],
         }
 
 
@@ -253,14 +275,21 @@ def detect_run(run: Run, params: DetectorParams | None = None) -> RunEvents:
     Runs without steps, layers or evaluations give empty event lists.
     """
     params = params or DetectorParams()
+    skipped = skipped_steps(run)
+
+    def usable(column: str) -> pd.Series:
+        return without_steps(step_series(run, column), skipped)
+
     spikes = {
-        LOSS: find_spikes(step_series(run, LOSS), params.loss_spikes, name=LOSS),
-        GRAD_NORM: find_spikes(step_series(run, GRAD_NORM), params.grad_spikes, name=GRAD_NORM),
+        LOSS: find_spikes(usable(LOSS), params.loss_spikes, name=LOSS),
+        GRAD_NORM: find_spikes(usable(GRAD_NORM), params.grad_spikes, name=GRAD_NORM),
         TOKEN_GRAD_NORM: find_spikes(
-            step_series(run, TOKEN_GRAD_NORM), params.grad_spikes, name=TOKEN_GRAD_NORM
+            usable(TOKEN_GRAD_NORM), params.grad_spikes, name=TOKEN_GRAD_NORM
         ),
     }
-    layers = layer_grad_norms(run)
+    layers = {
+        layer: without_steps(values, skipped) for layer, values in layer_grad_norms(run).items()
+    }
     for layer, values in layers.items():
         key = layer_series_name(layer)
         spikes[key] = find_spikes(values, params.grad_spikes, name=key)
@@ -272,6 +301,7 @@ def detect_run(run: Run, params: DetectorParams | None = None) -> RunEvents:
         )
     )
     first_layer, first_values = select_first_layer(run, layers)
+    first_values = without_steps(first_values, skipped)
     last_layer, last_values = select_last_block(run, layers)
     dips = find_dips(run.evals, params.dips, column=ACCURACY)
     gradient_spikes = {series: events for series, events in spikes.items() if series != LOSS}
@@ -300,6 +330,10 @@ def detect_run(run: Run, params: DetectorParams | None = None) -> RunEvents:
         for head in HEAD_LAYERS
         if head in layers and not clean_series(layers[head]).empty
     ]
+    verdict = judge_run(run, dips, sanity, params.dips)
+    divergence = recorded_divergence(run)
+    if divergence is None and verdict.evidence.nonfinite_loss_step is not None:
+        divergence = loss_divergence(run, verdict.evidence.nonfinite_loss_step)
     return RunEvents(
         run_name=run.name,
         run_path=str(run.path),
@@ -318,11 +352,14 @@ def detect_run(run: Run, params: DetectorParams | None = None) -> RunEvents:
             params.attribution,
         ),
         sanity=sanity,
-        verdict=judge_run(run, dips, sanity, params.dips),
+        verdict=verdict,
         planted_faults=match_planted_faults(
             planted_faults_from_plan(run.derived.get("faults")), spikes, run.steps["step"]
         ).faults,
         dense_dips=find_dips(run.dense_knn, params.dips, column=ACCURACY, successive_noise=True),
+        divergence=divergence,
+        skipped_steps=skipped,
+        loss_scale_changes=loss_scale_changes(run.steps),
     )
 
 

@@ -2,9 +2,11 @@
 
 Categories, checked in this order, the first that applies wins:
 
-- ``diverged``: the loss is non-finite (NaN or infinite) at a recorded step, or
-  ``status.json`` is ``failed`` with a reason naming a non-finite loss. Training stops at
-  the first non-finite loss, so the run has no usable end.
+- ``diverged``: the loss is non-finite (NaN or infinite) at a recorded step that was not
+  skipped, ``status.json`` records a ``diverged`` step (a non-finite loss or gradient
+  norm), or it is ``failed`` with a reason naming a non-finite value. Training stops
+  there, so the run has no usable end. Steps listed in ``skipped_steps`` (an fp16 overflow,
+  or ``--on-nonfinite skip``) left the weights unchanged and count for nothing here.
 - ``undetermined``: no evaluation with a finite kNN top-1, so there is nothing to judge.
 - ``partial failure``: the run ended damaged. At least one of: a dip that never recovered,
   a final kNN top-1 more than the dip margin below the best (the margin that
@@ -36,6 +38,7 @@ import pandas as pd
 
 from stabilitylab.detect.dips import Dip, DipParams, score_drawdowns
 from stabilitylab.detect.sanity import SanityReport
+from stabilitylab.detect.training_events import recorded_divergence, skipped_steps
 from stabilitylab.runs import Run
 
 DIVERGED = "diverged"
@@ -61,6 +64,7 @@ class VerdictEvidence:
     state: str
     status_reason: str | None
     nonfinite_loss_step: int | None
+    nonfinite_grad_step: int | None
     evaluations: int
     best_top1: float
     final_top1: float
@@ -84,6 +88,7 @@ class VerdictEvidence:
             "state": self.state,
             "status_reason": self.status_reason,
             "nonfinite_loss_step": self.nonfinite_loss_step,
+            "nonfinite_grad_step": self.nonfinite_grad_step,
             "evaluations": self.evaluations,
             "best_top1": _finite_or_none(self.best_top1),
             "final_top1": _finite_or_none(self.final_top1),
@@ -152,10 +157,15 @@ def collect_evidence(
     best, final, margin = _accuracy_summary(drawdowns)
     final_check = sanity.final
     reason = run.status.get("reason")
+    # A loss that was non-finite on a step the gradient scaler skipped is only in status.json.
+    divergence = recorded_divergence(run)
+    recorded = {divergence.signal: divergence.step} if divergence is not None else {}
+    loss_step = run_nonfinite_loss_step(run)
     return VerdictEvidence(
         state=str(run.status.get("state", "unknown")),
         status_reason=str(reason) if reason else None,
-        nonfinite_loss_step=run_nonfinite_loss_step(run),
+        nonfinite_loss_step=loss_step if loss_step is not None else recorded.get("loss"),
+        nonfinite_grad_step=recorded.get("grad_norm"),
         evaluations=len(drawdowns),
         best_top1=best,
         final_top1=final,
@@ -189,7 +199,7 @@ def classify(evidence: VerdictEvidence) -> tuple[str, list[str]]:
 
 
 def run_nonfinite_loss_step(run: Run) -> int | None:
-    """Return the first step of ``run`` whose loss is NaN or infinite, or None.
+    """Return the first step of ``run`` whose loss is NaN or infinite and not skipped, or None.
 
     An imported run (``stabilitylab import``) has NaN in its steps table where the source
     logged no loss, so its first non-finite logged loss is read from
@@ -199,18 +209,19 @@ def run_nonfinite_loss_step(run: Run) -> int | None:
     if isinstance(imported, dict):
         step = imported.get("nonfinite_loss_step")
         return step if isinstance(step, int) and not isinstance(step, bool) else None
-    return nonfinite_loss_step(run.steps)
+    return nonfinite_loss_step(run.steps, skipped_steps(run))
 
 
-def nonfinite_loss_step(steps: pd.DataFrame) -> int | None:
-    """Return the first step whose loss is NaN or infinite, or None."""
+def nonfinite_loss_step(steps: pd.DataFrame, skipped: Sequence[int] = ()) -> int | None:
+    """Return the first step whose loss is NaN or infinite, leaving out ``skipped``, or None."""
     if steps.empty:
         return None
     loss = pd.to_numeric(steps["loss"], errors="coerce").to_numpy(dtype="float64")
-    bad = np.flatnonzero(~np.isfinite(loss))
+    step = pd.to_numeric(steps["step"], errors="coerce").to_numpy()
+    bad = np.flatnonzero(~np.isfinite(loss) & ~np.isin(step, list(skipped)))
     if len(bad) == 0:
         return None
-    return int(pd.to_numeric(steps["step"], errors="coerce").to_numpy()[bad].min())
+    return int(step[bad].min())
 
 
 def hidden_costs(
@@ -253,6 +264,8 @@ def _divergence_reasons(evidence: VerdictEvidence) -> list[str]:
     reasons = []
     if evidence.nonfinite_loss_step is not None:
         reasons.append(f"non-finite loss at step {evidence.nonfinite_loss_step}")
+    if evidence.nonfinite_grad_step is not None:
+        reasons.append(f"non-finite gradient norm at step {evidence.nonfinite_grad_step}")
     reason = evidence.status_reason or ""
     if evidence.state == "failed" and "non-finite" in reason.lower():
         reasons.append(f"run failed: {reason}")

@@ -12,6 +12,9 @@ import pandas as pd
 from stabilitylab.monitor.signals import LAYER_SIGNALS, STEP_SIGNALS, TrainingMonitor
 from stabilitylab.runs import TABLE_COLUMNS, RunWriter
 
+# Per-step device flags that the tables do not store, see stabilitylab.monitor.signals.
+FLAG_SIGNALS = ("skipped", "diverged")
+
 
 @dataclass
 class HostStep:
@@ -27,9 +30,17 @@ class HostStep:
 
 @dataclass
 class FlushResult:
-    """Outcome of one flush: the first step whose loss was NaN or infinite, if any."""
+    """Outcome of one flush.
+
+    ``first_nonfinite`` is the first step that diverged, if any: a non-finite loss, or a
+    non-finite gradient norm on a step that was applied. ``nonfinite_signal`` names which,
+    ``loss`` or ``grad_norm``. ``skipped_steps`` lists the steps of the chunk whose
+    optimiser step was skipped, up to ``first_nonfinite``.
+    """
 
     first_nonfinite: HostStep | None
+    nonfinite_signal: str | None = None
+    skipped_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -68,16 +79,25 @@ class MetricsRecorder:
         throughput = math.nan
         if self.samples_per_step is not None and elapsed > 0:
             throughput = self.samples_per_step * len(hosts) / elapsed
-        steps = self._steps_frame(hosts, drained.steps.numpy(), throughput)
+        device_steps = drained.steps.numpy()
+        steps = self._steps_frame(hosts, device_steps, throughput)
         layers = self._layers_frame(hosts, drained.layers.numpy())
-        bad = _first_nonfinite(hosts, steps)
+        flags = {name: device_steps[:, STEP_SIGNALS.index(name)] > 0 for name in FLAG_SIGNALS}
+        bad_rows = np.flatnonzero(flags["diverged"])
+        bad = hosts[bad_rows[0]] if len(bad_rows) else None
+        kept_rows = len(hosts) if bad is None else int(bad_rows[0]) + 1
         if bad is not None:
-            # Steps after the first non-finite loss trained on broken weights: keep them out.
+            # Steps after the first diverged step trained on broken weights: keep them out.
             steps = steps[steps["step"] <= bad.step]
             layers = layers[layers["step"] <= bad.step]
         self.writer.append("steps", steps)
         self.writer.append("layers", layers)
-        return FlushResult(first_nonfinite=bad)
+        skipped = [hosts[row].step for row in np.flatnonzero(flags["skipped"][:kept_rows])]
+        return FlushResult(
+            first_nonfinite=bad,
+            nonfinite_signal=_nonfinite_signal(steps) if bad is not None else None,
+            skipped_steps=skipped,
+        )
 
     def _steps_frame(
         self, hosts: list[HostStep], device_rows: np.ndarray, throughput: float
@@ -114,8 +134,6 @@ class MetricsRecorder:
         return pd.DataFrame(data, columns=list(TABLE_COLUMNS["layers"]))
 
 
-def _first_nonfinite(hosts: list[HostStep], steps: pd.DataFrame) -> HostStep | None:
-    bad = ~np.isfinite(steps["loss"].to_numpy())
-    if not bad.any():
-        return None
-    return hosts[int(np.argmax(bad))]
+def _nonfinite_signal(steps: pd.DataFrame) -> str:
+    """Return ``loss`` or ``grad_norm``: what is non-finite in the last row of ``steps``."""
+    return "loss" if not np.isfinite(steps["loss"].iloc[-1]) else "grad_norm"

@@ -6,6 +6,11 @@ unscaling), the weight norm and the update-to-weight ratio ||w_after - w_before|
 respect to the tokens entering the first block, and the loss scale. A group without any
 gradient (a frozen patch projection) gets NaN, never 0.
 
+Two more per-step flags stay out of the tables: ``skipped`` (the optimiser step was not
+applied, because the gradient scaler found inf or NaN gradients or the run skips non-finite
+steps) and ``diverged`` (a non-finite loss or gradient norm reached a step that was applied,
+or a non-finite loss under the stop policy). See :meth:`TrainingMonitor.record_gradients`.
+
 Nothing here reads a value back to the host: norms are taken with ``torch._foreach_norm``
 over all parameters at once, summed per group with ``index_add_``, and written into
 preallocated device buffers. :meth:`TrainingMonitor.drain` copies the buffers to the host in
@@ -19,13 +24,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-STEP_SIGNALS = ("loss", "grad_norm", "token_grad_norm", "loss_scale")
+STEP_SIGNALS = ("loss", "grad_norm", "token_grad_norm", "loss_scale", "skipped", "diverged")
 LAYER_SIGNALS = ("grad_norm", "weight_norm", "update_ratio")
 
 
 @dataclass
 class DrainedSignals:
-    """Host copies of the recorded rows: ``steps`` (R, 4) and ``layers`` (R, G, 3)."""
+    """Host copies of the recorded rows: ``steps`` (R, 6) and ``layers`` (R, G, 3).
+
+    The columns follow :data:`STEP_SIGNALS` and :data:`LAYER_SIGNALS`.
+    """
 
     steps: torch.Tensor
     layers: torch.Tensor
@@ -102,8 +110,8 @@ class TrainingMonitor:
         self._layers = torch.full(
             (capacity, num_groups, len(LAYER_SIGNALS)), float("nan"), device=device
         )
-        # Set on the device when any recorded loss is NaN or infinite. Reading it costs one
-        # host sync, so the trainer reads it only before an evaluation.
+        # Set on the device when a recorded step diverged (see record_gradients). Reading it
+        # costs one host sync, so the trainer reads it only before an evaluation or a flush.
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.rows = 0
 
@@ -130,8 +138,24 @@ class TrainingMonitor:
             self._index_cache[key] = self._group_ids[indices]
         return self._index_cache[key]
 
-    def record_gradients(self, loss: torch.Tensor, loss_scale: torch.Tensor | None = None) -> None:
-        """Record loss, gradient norms and the token gradient of the step about to be taken."""
+    def record_gradients(
+        self,
+        loss: torch.Tensor,
+        loss_scale: torch.Tensor | None = None,
+        *,
+        overflow: torch.Tensor | bool = False,
+        skip_nonfinite: bool = False,
+    ) -> torch.Tensor:
+        """Record loss, gradient norms and the token gradient of the step about to be taken.
+
+        ``overflow`` is the gradient scaler's flag (a device tensor or a bool) that it found
+        inf or NaN gradients and skips this step. With ``skip_nonfinite`` the caller skips
+        any step whose loss or total gradient norm is NaN or infinite. Such a step is
+        recorded as skipped, not diverged. Without it, a non-finite loss marks the step
+        diverged even where the scaler skips it, and so does a non-finite gradient norm of
+        a step the scaler applies. Returns the skip flag as a 0-dim float32 device tensor,
+        1.0 for a step that must not change the weights, without reading it back.
+        """
         if self.full:
             raise RuntimeError("monitor buffers are full; drain() before recording more steps")
         row = self.rows
@@ -152,11 +176,38 @@ class TrainingMonitor:
         else:
             token = torch.full((), float("nan"), device=self.device)
         loss_value = loss.detach().float()
-        torch.logical_or(self.nonfinite, ~torch.isfinite(loss_value), out=self.nonfinite)
-        values = torch.stack([loss_value, total, token, scale.float()])
+        # A step without any gradient has a NaN norm that means "not measured", not divergence.
+        grad_finite = torch.isfinite(total) if with_grad else torch.ones_like(total, dtype=bool)
+        skipped, diverged = self._step_flags(
+            torch.isfinite(loss_value), grad_finite, overflow, skip_nonfinite
+        )
+        torch.logical_or(self.nonfinite, diverged, out=self.nonfinite)
+        values = torch.stack(
+            [loss_value, total, token, scale.float(), skipped.float(), diverged.float()]
+        )
         self._steps[row] = values
         if self.tokens is not None:
             self.tokens.reset()
+        return skipped.float()
+
+    def _step_flags(
+        self,
+        loss_finite: torch.Tensor,
+        grad_finite: torch.Tensor,
+        overflow: torch.Tensor | bool,
+        skip_nonfinite: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the device flags (skipped, diverged) of one step, see record_gradients."""
+        if isinstance(overflow, torch.Tensor):
+            scaler_skips = overflow.to(self.device, non_blocking=True).bool()
+        else:
+            # torch.full fills on the device, where torch.tensor would copy from the host.
+            scaler_skips = torch.full((), bool(overflow), device=self.device, dtype=torch.bool)
+        if skip_nonfinite:
+            # Every non-finite step is skipped, so no step can diverge.
+            finite = loss_finite & grad_finite
+            return scaler_skips | ~finite, torch.zeros_like(finite)
+        return scaler_skips, ~loss_finite | (~grad_finite & ~scaler_skips)
 
     def snapshot_weights(self) -> None:
         """Copy the trainable weights so that the update of the coming step can be measured."""
