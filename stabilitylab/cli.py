@@ -18,12 +18,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stabilitylab.config import DATASETS, METHODS, MODELS, PRECISIONS, RunConfig, available_presets
+from stabilitylab.config import (
+    DATASETS,
+    METHODS,
+    MODELS,
+    NONFINITE_POLICIES,
+    PRECISIONS,
+    RunConfig,
+    available_presets,
+)
 from stabilitylab.errors import ConfigError, StabilityLabError, TrainingError
 
 log = logging.getLogger("stabilitylab")
 
 EXIT_USAGE = 2
+DEFAULT_PRESET = "digits"
 EXIT_FAILED = 1
 # The value argparse stores for --tensorboard given without a folder.
 BARE_TENSORBOARD_FLAG = object()
@@ -75,13 +84,37 @@ class Option:
 RUN_OPTIONS = (
     Option(
         "dataset",
-        "training data: the bundled scikit-learn digits, or an ImageNet-style folder",
+        "training data: the bundled scikit-learn digits, CIFAR-10/100, MNIST or Fashion-MNIST "
+        "in torchvision's layout, an ImageNet-style folder of class folders, or a NumPy .npz "
+        "file (docs/datasets.md)",
         choices=DATASETS,
     ),
     Option(
         "data_dir",
-        "folder of the dataset; for imagefolder it holds train/ and val/ class folders",
+        "where the dataset is: for imagefolder a folder with train/ and val/ class folders, "
+        "for npz the .npz file, for CIFAR and MNIST torchvision's root folder, which contains "
+        "cifar-10-batches-py/, cifar-100-python/, MNIST/raw/ or FashionMNIST/raw/",
         metavar="DIR",
+    ),
+    Option(
+        "val_split",
+        "for imagefolder and npz data without a validation split: the fraction of each class "
+        "held out for validation, with a fixed seed (imagefolder: DIR is one tree of class "
+        "folders)",
+        type=finite_float,
+        metavar="FRACTION",
+    ),
+    Option(
+        "download",
+        "fetch cifar10, cifar100, mnist or fashion-mnist into --data-dir with torchvision "
+        "when it is missing there; without it nothing is downloaded",
+        flag=True,
+    ),
+    Option(
+        "skip_bad_images",
+        "imagefolder: skip unreadable image files (empty, truncated, not an image) instead of "
+        "stopping, and list them in RUN_DIR/skipped_images.json",
+        flag=True,
     ),
     Option("method", "self-supervised method", choices=METHODS),
     Option(
@@ -92,7 +125,8 @@ RUN_OPTIONS = (
     ),
     Option(
         "img_size",
-        "input image side in pixels; must be a multiple of the patch size (default: the model's)",
+        "input image side in pixels; must be a multiple of the patch size (default: 32 for "
+        "CIFAR, 28 for MNIST and Fashion-MNIST, the arrays' own for npz, else the model's)",
         type=int,
         metavar="PX",
     ),
@@ -205,7 +239,8 @@ RUN_OPTIONS = (
     ),
     Option(
         "checkpoint_every",
-        "optimiser steps between checkpoints (one is also written at the end)",
+        "optimiser steps between checkpoints (one is also written at the end, and at the step "
+        "where SIGINT or SIGTERM stops the run)",
         type=int,
         metavar="STEPS",
     ),
@@ -214,6 +249,12 @@ RUN_OPTIONS = (
         "precision",
         "fp32, bf16 autocast (CPU or CUDA) or fp16 autocast with gradient scaling (CUDA only)",
         choices=PRECISIONS,
+    ),
+    Option(
+        "on_nonfinite",
+        "at a step whose loss or gradient norm is NaN or infinite: stop the run there, keeping "
+        "the last checkpoint from before it, or skip that optimiser step and continue",
+        choices=NONFINITE_POLICIES,
     ),
     Option(
         "workers",
@@ -262,20 +303,35 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> Parser:
         "update-to-weight ratios, plus a kNN monitor on the validation split. Options "
         "override the preset's values.",
     )
+    parser.add_argument("--out", metavar="RUN_DIR", help="new run directory to write")
     parser.add_argument(
-        "--out", required=True, metavar="RUN_DIR", help="new run directory to write"
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the stopped run in RUN_DIR from its last checkpoint, instead of --out; "
+        "the run's configuration applies, and options passed with it may change only "
+        "--device, --workers, --flush-every, --checkpoint-every, --keep-checkpoints-every, "
+        "--tensorboard and --download (docs/resume.md)",
     )
     parser.add_argument(
         "--preset",
-        default="digits",
+        default=None,
         choices=available_presets(),
         help="configuration to start from, a TOML file shipped with stabilitylab "
-        "(default: %(default)s)",
+        f"(default: {DEFAULT_PRESET}; with --resume, the run's configuration)",
     )
     parser.add_argument(
         "--overwrite",
         action="store_true",
         help="replace the run directory at --out if one is there",
+    )
+    parser.add_argument(
+        "--keep-checkpoints-every",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="also keep the checkpoint of every step that is a multiple of STEPS as "
+        "RUN_DIR/checkpoint-NNNNNN.pt, beside checkpoint.pt, the last one (default: keep "
+        "only the last; with --resume, the run's value)",
     )
     parser.add_argument(
         "--tensorboard",
@@ -592,6 +648,13 @@ def _add_import_parser(subparsers: argparse._SubParsersAction) -> Parser:
         action="store_true",
         help="replace the run directory at --out if one is there",
     )
+    parser.add_argument(
+        "--text-as-nan",
+        action="store_true",
+        help="read text cells (such as n/a) in a CSV column of numbers as missing values, "
+        "with a warning that counts them; without it such a cell in an imported column is "
+        "an error",
+    )
     parser.add_argument("--quiet", action="store_true", help="log only warnings and errors")
     return parser
 
@@ -648,16 +711,59 @@ def _run_overrides(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict
     return overrides
 
 
+def _check_run_target(args: argparse.Namespace) -> None:
+    """Raise ConfigError unless exactly one of --out and --resume names the run directory."""
+    if args.resume is None and args.out is None:
+        raise ConfigError("pass --out RUN_DIR for a new run, or --resume RUN_DIR to continue one")
+    if args.resume is not None and args.out is not None:
+        raise ConfigError(
+            f"--resume {args.resume} names the run directory already, so drop --out {args.out}"
+        )
+    if args.resume is not None and args.overwrite:
+        raise ConfigError(
+            "--resume continues the run that is there and --overwrite replaces it; pass one"
+        )
+    every = args.keep_checkpoints_every
+    if every is not None and every < 0:
+        raise ConfigError(
+            f"--keep-checkpoints-every {every} is invalid: it must be 0 (keep only the last "
+            "checkpoint) or a positive number of steps"
+        )
+
+
 def _command_run(args: argparse.Namespace) -> int:
     from stabilitylab.config import build_config
     from stabilitylab.train.loop import run_training
 
     signal.signal(signal.SIGTERM, _raise_terminated)
+    _check_run_target(args)
     overrides = _run_overrides(args)
     if hasattr(args, "tensorboard"):
         overrides["tensorboard"] = _tensorboard_folder(args.tensorboard)
-    config = build_config(args.preset, **overrides)
-    result = run_training(config, args.out, overwrite=args.overwrite)
+    if args.resume is not None:
+        from stabilitylab.train.resume import resume_training
+
+        result = resume_training(
+            args.resume,
+            overrides,
+            preset=args.preset,
+            keep_checkpoints_every=args.keep_checkpoints_every,
+        )
+        if result.already_finished:
+            print(
+                f"{result.run_dir}: the run finished already ({result.steps} steps, kNN top-1 "
+                f"final {result.final_knn_top1:.2f}% best {result.best_knn_top1:.2f}%); "
+                "nothing to resume"
+            )
+            return 0
+    else:
+        config = build_config(args.preset or DEFAULT_PRESET, **overrides)
+        result = run_training(
+            config,
+            args.out,
+            overwrite=args.overwrite,
+            keep_checkpoints_every=args.keep_checkpoints_every or 0,
+        )
     print(
         f"{result.run_dir}: {result.steps} steps, kNN top-1 final {result.final_knn_top1:.2f}% "
         f"best {result.best_knn_top1:.2f}%"
@@ -710,6 +816,7 @@ def _command_import(args: argparse.Namespace) -> int:
         mapping=args.map,
         frozen=args.frozen,
         overwrite=args.overwrite,
+        text_as_nan=args.text_as_nan,
     )
     print(
         f"{result.run_dir}: imported {result.rows['steps']} steps and {result.rows['evals']} "
@@ -813,11 +920,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt as interrupt:
         kept = {
-            "run": "the metrics so far and a checkpoint are kept",
+            "run": _resume_hint(interrupt),
             "sweep": "rerun the same command to resume; finished runs are skipped",
         }.get(args.command, "")
         print(f"stabilitylab {args.command}: interrupted. {kept}".rstrip(), file=sys.stderr)
         return 128 + getattr(interrupt, "signal_number", signal.SIGINT)
+
+
+def _resume_hint(interrupt: KeyboardInterrupt) -> str:
+    """Say where an interrupted run can be resumed from, with the attributes train_run sets."""
+    run_dir = getattr(interrupt, "run_dir", None)
+    if run_dir is None:
+        return "training had not started"
+    step = getattr(interrupt, "checkpoint_step", None)
+    if step is None:
+        return (
+            f"the metrics so far are kept in {run_dir}, but no checkpoint; stabilitylab run "
+            f"--resume {run_dir} trains it again from the start"
+        )
+    return (
+        f"the metrics and a checkpoint at step {step} are kept; continue with stabilitylab run "
+        f"--resume {run_dir}"
+    )
 
 
 def _one_line(error: Exception) -> str:

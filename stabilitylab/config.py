@@ -20,9 +20,17 @@ from stabilitylab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("digits", "imagefolder")
+DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder", "npz")
+# The image side of the datasets whose images all have one size: without --img-size a run
+# uses it, whatever the model preset's 224 px. npz files give theirs with the arrays.
+DATASET_IMG_SIZES = {"cifar10": 32, "cifar100": 32, "mnist": 28, "fashion-mnist": 28}
+# Datasets that --download can fetch (through torchvision) and --val-split can split.
+DOWNLOADABLE = ("cifar10", "cifar100", "mnist", "fashion-mnist")
+SPLITTABLE = ("imagefolder", "npz")
 METHODS = ("mocov3",)
 PRECISIONS = ("fp32", "bf16", "fp16")
+# Policies at a step whose loss or gradient norm is NaN or infinite: stop the run or skip it.
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 @dataclass(frozen=True)
@@ -54,9 +62,14 @@ class RunConfig:
     preset: str = "digits"
     dataset: str = "digits"
     data_dir: str | None = None
+    # Fraction of one class-folder tree or of x_train kept for validation; None: the data's
+    # own validation split.
+    val_split: float | None = None
+    download: bool = False  # fetch a DOWNLOADABLE dataset into data_dir when it is missing
+    skip_bad_images: bool = False  # skip unreadable image files instead of stopping
     method: str = "mocov3"
     model: str = "vit_micro"
-    img_size: int | None = None  # None: the model preset's
+    img_size: int | None = None  # None: the dataset's (DATASET_IMG_SIZES), else the model's
     patch_size: int | None = None  # None: the model preset's
     freeze_patch_embed: bool = False
     epochs: int = 100
@@ -82,6 +95,7 @@ class RunConfig:
     checkpoint_every: int = 1000  # optimiser steps
     device: str = "auto"
     precision: str = "fp32"
+    on_nonfinite: str = "stop"  # one of NONFINITE_POLICIES
     workers: int = 0
     inject_spikes: tuple[str, ...] = ()  # STEP:LAYER:FACTOR gradient multipliers
     lr_spikes: tuple[str, ...] = ()  # STEP:FACTOR learning-rate multipliers
@@ -95,7 +109,14 @@ class RunConfig:
 
     @property
     def resolved_img_size(self) -> int:
-        return self.img_size if self.img_size is not None else self.model_spec.img_size
+        """Return the image side: --img-size, the dataset's own, or the model preset's.
+
+        For npz data without --img-size this is the model preset's; the arrays' own size,
+        which the run uses, is known only once they are read.
+        """
+        if self.img_size is not None:
+            return self.img_size
+        return DATASET_IMG_SIZES.get(self.dataset, self.model_spec.img_size)
 
     @property
     def resolved_patch_size(self) -> int:
@@ -190,6 +211,7 @@ def validate(config: RunConfig) -> None:
     _check_choice("method", config.method, METHODS)
     _check_choice("model", config.model, list(MODELS))
     _check_choice("precision", config.precision, PRECISIONS)
+    _check_choice("on_nonfinite", config.on_nonfinite, NONFINITE_POLICIES)
     _check_positive("lr", config.lr, "the base lr per 256 images, such as 1.5e-4")
     peak_lr = config.lr * config.batch_size / 256 if isinstance(config.batch_size, int) else 0.0
     _require(
@@ -255,17 +277,59 @@ def validate(config: RunConfig) -> None:
     _validate_geometry(config)
     _validate_device(config)
     _validate_faults(config)
-    if config.dataset == "imagefolder":
-        _require(
-            bool(config.data_dir),
-            "--dataset imagefolder needs --data-dir, a folder with train/ and val/ class folders",
-        )
-    else:
+    _validate_data_source(config)
+
+
+# The contents of --data-dir for each dataset read from disk, for error messages.
+DATA_DIR_CONTENTS = {
+    "imagefolder": "a folder with train/ and val/ class folders",
+    "npz": "a .npz file with x_train, y_train, x_val and y_val arrays",
+    "cifar10": "the folder that contains cifar-10-batches-py/",
+    "cifar100": "the folder that contains cifar-100-python/",
+    "mnist": "the folder that contains MNIST/raw/",
+    "fashion-mnist": "the folder that contains FashionMNIST/raw/",
+}
+
+
+def _validate_data_source(config: RunConfig) -> None:
+    """Check --data-dir, --download, --val-split and --skip-bad-images against --dataset."""
+    dataset = config.dataset
+    if dataset == "digits":
         _require(
             config.data_dir is None,
-            f"--data-dir {config.data_dir!r} is only read with --dataset imagefolder; the "
-            f"{config.dataset} dataset ships with stabilitylab, so drop --data-dir",
+            f"--data-dir {config.data_dir!r} is only read with --dataset imagefolder, npz, "
+            "cifar10, cifar100, mnist or fashion-mnist; the digits dataset ships with "
+            "stabilitylab, so drop --data-dir",
         )
+    else:
+        hint = " (add --download to fetch it there)" if dataset in DOWNLOADABLE else ""
+        _require(
+            bool(config.data_dir),
+            f"--dataset {dataset} needs --data-dir, {DATA_DIR_CONTENTS[dataset]}{hint}",
+        )
+    _require(
+        not config.download or dataset in DOWNLOADABLE,
+        f"--download fetches only {', '.join(DOWNLOADABLE)}; the {dataset} data cannot be "
+        "downloaded, so drop --download",
+    )
+    if config.val_split is not None:
+        _require(
+            dataset in SPLITTABLE,
+            f"--val-split is only read with --dataset {' or '.join(SPLITTABLE)}; the {dataset} "
+            "data has its own validation split, so drop --val-split",
+        )
+        _require(
+            isinstance(config.val_split, (int, float))
+            and not isinstance(config.val_split, bool)
+            and 0 < config.val_split < 1,
+            f"--val-split {config.val_split!r} is invalid: it must be a fraction between 0 and "
+            "1, such as 0.1",
+        )
+    _require(
+        not config.skip_bad_images or dataset == "imagefolder",
+        f"--skip-bad-images is only read with --dataset imagefolder; the {dataset} data has no "
+        "image files to skip, so drop it",
+    )
 
 
 def _validate_dense_knn(config: RunConfig) -> None:
@@ -309,6 +373,15 @@ def _validate_geometry(config: RunConfig) -> None:
     _require(
         patch >= 1, f"--patch-size {patch!r} is invalid: it must be a positive number of pixels"
     )
+    if config.dataset == "npz" and config.img_size is None:
+        return  # the arrays' own size is checked when they are read
+    if config.img_size is None and config.dataset in DATASET_IMG_SIZES:
+        _require(
+            img % patch == 0,
+            f"the {config.dataset} images are {img} px, which --patch-size {patch} does not "
+            f"divide; pass a --patch-size that divides {img}, such as 4, or --img-size "
+            f"{max(patch, -(-img // patch) * patch)} to resize them",
+        )
     _require(
         img % patch == 0,
         f"--img-size {img} is not divisible by --patch-size {patch}; pick an image size that is "
@@ -359,8 +432,18 @@ class Derived:
         return dataclasses.asdict(self)
 
 
-def derive(config: RunConfig, train_size: int, in_chans: int, num_classes: int) -> Derived:
-    """Compute the batch-scaled lr and the step counts; raise if the batch exceeds the data."""
+def derive(
+    config: RunConfig,
+    train_size: int,
+    in_chans: int,
+    num_classes: int,
+    img_size: int | None = None,
+) -> Derived:
+    """Compute the batch-scaled lr and the step counts; raise if the batch exceeds the data.
+
+    ``img_size`` is the data's image side when it differs from ``config.resolved_img_size``,
+    as for npz arrays read at their own size.
+    """
     steps_per_epoch = train_size // config.batch_size  # the last partial batch is dropped
     if steps_per_epoch < 1:
         raise ConfigError(
@@ -384,7 +467,7 @@ def derive(config: RunConfig, train_size: int, in_chans: int, num_classes: int) 
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
         warmup_steps=round(config.warmup_epochs * steps_per_epoch),
-        img_size=config.resolved_img_size,
+        img_size=img_size if img_size is not None else config.resolved_img_size,
         patch_size=config.resolved_patch_size,
         in_chans=in_chans,
         num_classes=num_classes,

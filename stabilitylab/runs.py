@@ -5,13 +5,17 @@ A run directory contains:
 - ``config.json``: the resolved configuration, derived values (the lr after batch scaling,
   steps per epoch, the layer names) and the environment (versions, device, seed).
 - ``status.json``: ``running``, ``finished`` or ``failed``, rewritten as the run goes. A run
-  killed by a signal it could not catch stays ``running``.
+  killed by a signal it could not catch stays ``running``. ``skipped_steps`` lists the
+  optimiser steps that were not applied, and a run stopped at a non-finite loss or gradient
+  norm has a ``diverged`` object (see :data:`DIVERGED_REASONS`).
 - ``steps/``, ``layers/``, ``evals/``, ``dense_knn/``: one Parquet file per flushed chunk.
   Each chunk is written to a temporary name and renamed, so a killed run loses at most the
   chunk that was still in memory and never leaves a half-written file behind.
 - ``frozen_check.json``: the end-of-run comparison of frozen parameters with their
   initial values.
-- ``checkpoint.pt``: the last checkpoint, also written atomically.
+- ``checkpoint.pt``: the last checkpoint, also written atomically, and with
+  ``--keep-checkpoints-every`` earlier ones kept as ``checkpoint-NNNNNN.pt``.
+- ``run.lock``: locked by the process training into the folder (stabilitylab.train.runlock).
 - ``tensorboard/``: TensorBoard event files, with ``stabilitylab run --tensorboard`` only.
 
 Tables, one row per optimiser step (``steps``), per step and layer group (``layers``), per
@@ -42,8 +46,22 @@ CONFIG_FILE = "config.json"
 STATUS_FILE = "status.json"
 FROZEN_CHECK_FILE = "frozen_check.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+# Checkpoints kept with --keep-checkpoints-every, named by their step.
+KEPT_CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d{6,})\.pt$")
+# Locked by the process that trains into the run directory, see stabilitylab.train.runlock.
+LOCK_FILE = "run.lock"
+# The image files a run with --skip-bad-images skipped (stabilitylab.data.skipped).
+SKIPPED_IMAGES_FILE = "skipped_images.json"
 # Name prefix of TensorBoard event files, which --overwrite may remove from a run directory.
 EVENT_FILE_PREFIX = "events.out.tfevents."
+
+# The ``reason`` of a failed status.json when the run stopped at a non-finite value, by the
+# signal that was non-finite. Such a status also has a ``diverged`` object with the ``step``,
+# the ``signal`` and the ``lr`` of that step, and from ``stabilitylab run`` the
+# ``precision`` and the ``checkpoint_step`` of the checkpoint kept (None without one).
+DIVERGED_REASONS = {"loss": "non-finite loss", "grad_norm": "non-finite gradient norm"}
+# The signals of DIVERGED_REASONS in words, for messages.
+SIGNAL_NAMES = {"loss": "loss", "grad_norm": "gradient norm"}
 
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "steps": (
@@ -112,6 +130,11 @@ def _is_run_dir(path: Path) -> bool:
     return isinstance(payload, dict) and "format_version" in payload and "config" in payload
 
 
+def is_run_dir(path: Path) -> bool:
+    """Tell whether ``path`` contains a ``config.json`` written by stabilitylab."""
+    return _is_run_dir(Path(path))
+
+
 def make_dir(path: Path, option: str) -> None:
     """Create ``path`` and its parents, turning OS errors into a RunDirError for ``option``."""
     try:
@@ -126,18 +149,26 @@ def prepare_run_dir(
     *,
     out_option: str = "--out",
     overwrite_option: str = "--overwrite",
+    resume_option: str | None = None,
 ) -> Path:
     """Create ``path`` for a new run, rejecting a folder that already contains files.
 
     With ``overwrite`` a previous run directory at ``path`` is emptied first; a non-empty
-    folder that is not a run directory is never emptied. ``out_option`` and
-    ``overwrite_option`` are the names that error messages give the two settings, such as
-    ``out=`` and ``overwrite=True`` for a Python caller.
+    folder that is not a run directory is never emptied. ``out_option``,
+    ``overwrite_option`` and ``resume_option`` are the names that error messages give the
+    settings, such as ``out=`` and ``overwrite=True`` for a Python caller. Without
+    ``resume_option`` the messages do not offer to continue the run that is there.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RunDirError(f"{out_option} {path} is a file, not a folder; pass a new folder name")
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir() and _has_content(path):
+        if not overwrite and resume_option is not None and _is_run_dir(path):
+            raise RunDirError(
+                f"{out_option} {path} already contains files of a run ({_state_text(path)}); "
+                f"pass {resume_option} {path} to continue it, {overwrite_option} to replace it, "
+                "or a new folder"
+            )
         if not overwrite:
             raise RunDirError(
                 f"{out_option} {path} already contains files; pass a new folder or "
@@ -155,7 +186,50 @@ def prepare_run_dir(
     return path
 
 
-_RUN_FILES = (CONFIG_FILE, STATUS_FILE, FROZEN_CHECK_FILE, CHECKPOINT_FILE)
+def _has_content(path: Path) -> bool:
+    """Tell whether ``path`` contains anything but empty table folders and the lock file.
+
+    A run that failed after creating its table folders and before writing its first file
+    leaves only those, and its folder counts as empty, so a rerun can use it.
+    """
+    for entry in path.iterdir():
+        if entry.name == LOCK_FILE and entry.is_file() and not entry.is_symlink():
+            continue
+        empty_table = (
+            entry.name in TABLE_COLUMNS
+            and entry.is_dir()
+            and not entry.is_symlink()
+            and not any(entry.iterdir())
+        )
+        if not empty_table:
+            return True
+    return False
+
+
+def _state_text(path: Path) -> str:
+    """Describe the status of the run at ``path``, such as ``interrupted at step 24 of 42``."""
+    try:
+        status = json.loads((path / STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return "state unknown"
+    if not isinstance(status, dict):
+        return "state unknown"
+    text = str(status.get("state", "unknown"))
+    if isinstance(status.get("step"), int):
+        text += f" at step {status['step']}"
+        if isinstance(status.get("total_steps"), int):
+            text += f" of {status['total_steps']}"
+    return text
+
+
+_RUN_FILES = (
+    CONFIG_FILE,
+    STATUS_FILE,
+    FROZEN_CHECK_FILE,
+    CHECKPOINT_FILE,
+    SKIPPED_IMAGES_FILE,
+    LOCK_FILE,
+)
 # A report written into the run directory (the default for one run) is part of the run.
 _REPORT_DIR = "report"
 REPORT_FILES = ("report.html", "report.md", "events.json")
@@ -210,7 +284,11 @@ def _foreign_entries(path: Path) -> list[str]:
         if entry.is_symlink():
             foreign.append(entry.name)
         elif entry.is_file():
-            if entry.name not in _RUN_FILES and not _is_temporary(entry):
+            if not (
+                entry.name in _RUN_FILES
+                or _is_temporary(entry)
+                or KEPT_CHECKPOINT_PATTERN.match(entry.name)
+            ):
                 foreign.append(entry.name)
         elif entry.name in TABLE_COLUMNS:
             foreign += _foreign_children(entry, _is_chunk)
@@ -248,7 +326,8 @@ class RunWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._next_chunk = {table: 0 for table in TABLE_COLUMNS}
+        # Numbering continues after the chunks already there, which a resumed run keeps.
+        self._next_chunk = {table: next_chunk_index(self.path / table) for table in TABLE_COLUMNS}
         for table in TABLE_COLUMNS:
             (self.path / table).mkdir(parents=True, exist_ok=True)
 
@@ -287,6 +366,25 @@ class RunWriter:
         with atomic_target(final) as tmp_path:
             frame.to_parquet(tmp_path, index=False, engine="pyarrow")
         self._next_chunk[table] = index + 1
+
+
+def chunk_paths(table_dir: Path) -> list[Path]:
+    """Return the ``part-NNNNNN.parquet`` files of one table folder in the order written."""
+    if not table_dir.is_dir():
+        return []
+    return sorted(p for p in table_dir.iterdir() if _CHUNK_PATTERN.match(p.name))
+
+
+def next_chunk_index(table_dir: Path) -> int:
+    """Return the number after the highest ``part-NNNNNN.parquet`` in ``table_dir``, or 0."""
+    if not table_dir.is_dir():
+        return 0
+    numbers = [
+        int(match.group(1))
+        for entry in table_dir.iterdir()
+        if (match := _CHUNK_PATTERN.match(entry.name))
+    ]
+    return max(numbers, default=-1) + 1
 
 
 def _with_later_columns(frame: pd.DataFrame, table: str) -> pd.DataFrame:
@@ -349,8 +447,13 @@ class Run:
 
     @property
     def layer_names(self) -> list[str]:
+        """The layer groups of ``derived.layers``, or of the layers table when that is unusable.
+
+        A ``derived.layers`` that is not a list of str (a damaged config.json, which
+        :func:`read_run` warns about) gives the groups of the layers table, in table order.
+        """
         names = self.derived.get("layers")
-        if names:
+        if _is_name_list(names):
             return list(names)
         return list(dict.fromkeys(self.layers["layer"])) if not self.layers.empty else []
 
@@ -359,12 +462,18 @@ class Run:
         return self.status.get("state") == "finished"
 
 
+def _is_name_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+
 def _read_json(path: Path, what: str) -> dict[str, Any]:
+    data = path.read_bytes()
     try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
+        payload = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise RunDirError(
-            f"{path} is not valid JSON ({error}); the {what} file is damaged"
+            f"{path} is not valid JSON ({error}, in {len(data)} bytes); the {what} file is "
+            "damaged or truncated"
         ) from None
     if not isinstance(payload, dict):
         raise RunDirError(f"{path} does not contain a JSON object; the {what} file is damaged")
@@ -378,9 +487,63 @@ def _read_optional_json(path: Path, what: str, warnings: list[str]) -> dict[str,
     try:
         return _read_json(path, what)
     except RunDirError as error:
-        log.warning("%s", error)
-        warnings.append(str(error))
+        message = f"{error}, so its contents are ignored"
+        log.warning("%s", message)
+        warnings.append(message)
         return None
+
+
+def _read_chunks(run_dir: Path, chunks: list[Path], warnings: list[str]) -> list[pd.DataFrame]:
+    """Read the chunks of one table in order, skipping damaged ones with a warning each.
+
+    A damaged last chunk is dropped, and its warning names the step the table now ends at.
+    A damaged chunk between readable ones is skipped as well, so the rest of the run can
+    still be reported, and its warning names the steps missing from the table.
+    """
+    read: list[tuple[Path, pd.DataFrame | None, str]] = []
+    for chunk in chunks:
+        try:
+            read.append((chunk, pd.read_parquet(chunk, engine="pyarrow"), ""))
+        except Exception as error:  # pyarrow raises several types for a damaged file
+            read.append((chunk, None, _first_line(error)))
+    for position, (chunk, frame, error) in enumerate(read):
+        if frame is not None:
+            continue
+        before = [f for _, f, _ in read[:position] if f is not None and not f.empty]
+        after = [f for _, f, _ in read[position + 1 :] if f is not None and not f.empty]
+        last_step = int(before[-1]["step"].max()) if before else None
+        next_step = int(after[0]["step"].min()) if after else None
+        message = _damaged_chunk_message(run_dir, chunk, error, last_step, next_step)
+        log.warning("%s: %s", run_dir, message)
+        warnings.append(message)
+    return [frame for _, frame, _ in read if frame is not None]
+
+
+def _damaged_chunk_message(
+    run_dir: Path, chunk: Path, error: str, last_step: int | None, next_step: int | None
+) -> str:
+    size = chunk.stat().st_size
+    lost = f"{size} bytes"
+    try:
+        import pyarrow.parquet
+
+        lost += f", {pyarrow.parquet.read_metadata(chunk).num_rows} rows"
+    except Exception:  # a truncated file has no footer, so its row count is unknown
+        lost += ", row count unknown"
+    name = chunk.relative_to(run_dir)
+    if next_step is None:
+        ends = "the table is empty" if last_step is None else f"the table ends at step {last_step}"
+        return f"dropped the damaged last chunk {name} ({lost}): {ends} ({error})"
+    first_missing = 0 if last_step is None else last_step + 1
+    return (
+        f"skipped the damaged chunk {name} ({lost}): rows of steps {first_missing} to "
+        f"{next_step - 1} are missing from the table ({error})"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _read_table(run_dir: Path, table: str, warnings: list[str]) -> pd.DataFrame:
@@ -389,14 +552,7 @@ def _read_table(run_dir: Path, table: str, warnings: list[str]) -> pd.DataFrame:
     chunks = []
     if table_dir.is_dir():
         chunks = sorted(p for p in table_dir.iterdir() if _CHUNK_PATTERN.match(p.name))
-    frames = []
-    for chunk in chunks:
-        try:
-            frames.append(pd.read_parquet(chunk, engine="pyarrow"))
-        except Exception as error:  # pyarrow raises several types for a damaged file
-            message = f"skipped damaged chunk {chunk.relative_to(run_dir)}: {error}"
-            log.warning("%s: %s", run_dir, message)
-            warnings.append(message)
+    frames = _read_chunks(run_dir, chunks, warnings)
     if not frames:
         return empty_table(table)
     later = LATER_COLUMNS.get(table, ())
@@ -442,6 +598,15 @@ def read_run(path: str | os.PathLike[str]) -> Run:
         warnings.append(message)
         status = {"state": "unknown"}
     frozen_check = _read_optional_json(run_dir / FROZEN_CHECK_FILE, "frozen-check", warnings)
+    derived = payload.get("derived")
+    layers = derived.get("layers") if isinstance(derived, dict) else None
+    if layers and not _is_name_list(layers):
+        message = (
+            f"{config_path} has derived.layers {layers!r}, not a list of layer names; the "
+            "layer groups of the layers table are used"
+        )
+        log.warning("%s", message)
+        warnings.append(message)
     tables = {table: _read_table(run_dir, table, warnings) for table in TABLE_COLUMNS}
     return Run(
         path=run_dir,

@@ -27,7 +27,7 @@ from typing import Any
 from stabilitylab.atomic import write_text_atomic
 from stabilitylab.config import RunConfig, build_config
 from stabilitylab.errors import ConfigError, RunDirError, TrainingError
-from stabilitylab.runs import CONFIG_FILE, STATUS_FILE, make_dir
+from stabilitylab.runs import CONFIG_FILE, DIVERGED_REASONS, STATUS_FILE, make_dir
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,9 @@ ARMS = ("learned", "frozen")
 ARM_CHOICES = (*ARMS, "both")
 # Configuration fields that the grid sets, so they cannot be shared options.
 SWEPT_FIELDS = ("lr", "batch_size", "freeze_patch_embed", "seed")
-# The reason that the training loop writes to status.json when the loss becomes non-finite.
-DIVERGED_REASON = "non-finite loss"
+# The reasons that the training loop writes to status.json when the loss or the gradient
+# norm becomes non-finite.
+DIVERGED_STATUS_REASONS = tuple(DIVERGED_REASONS.values())
 # Folders named in one error message before the rest are counted.
 MAX_NAMED_FOLDERS = 3
 
@@ -530,8 +531,8 @@ def _train_point(entry: PlannedRun, show_progress: bool | None) -> RunOutcome:
 
     name = entry.point.name
     started = time.perf_counter()
-    # NOTE: an incomplete run restarts from step 0; resuming from its checkpoint.pt is not
-    # implemented.
+    # NOTE: an incomplete run restarts from step 0, although
+    # stabilitylab.train.resume.resume_training could continue it from its last checkpoint.
     try:
         result = run_training(
             entry.config,
@@ -541,7 +542,7 @@ def _train_point(entry: PlannedRun, show_progress: bool | None) -> RunOutcome:
         )
     except TrainingError as error:
         state, reason = _read_state(entry.path)
-        if state == "failed" and reason == DIVERGED_REASON:
+        if state == "failed" and reason in DIVERGED_STATUS_REASONS:
             return RunOutcome(name, entry.path, DIVERGED, f"{error}; the sweep continues")
         return RunOutcome(name, entry.path, FAILED, str(error))
     seconds = time.perf_counter() - started

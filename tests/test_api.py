@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,10 +30,17 @@ from stabilitylab import (
     paired_summary,
     sweep_table,
 )
-from stabilitylab.analysis import COMPARE_COLUMNS, EVENT_COLUMNS, SENSITIVITY_COLUMNS, SWEEP_COLUMNS
+from stabilitylab.analysis import (
+    COMPARE_COLUMNS,
+    EVENT_COLUMNS,
+    LEAD_COLUMNS,
+    SENSITIVITY_COLUMNS,
+    SWEEP_COLUMNS,
+)
 from stabilitylab.detect import DetectorParams, SpikeParams, detect_run
 from stabilitylab.detect.params_file import write_detector_file
-from stabilitylab.runs import Run, RunWriter, read_run
+from stabilitylab.report import write_report
+from stabilitylab.runs import TABLE_COLUMNS, Run, RunWriter, read_run
 from stabilitylab.sweep import build_manifest, make_grid, run_name, run_sweep
 
 LAYERS = ["patch_embed", "cls_token", "blocks.00", "blocks.01", "norm", "projector", "predictor"]
@@ -420,12 +429,35 @@ def test_run_set_table_stacks_runs(learned_dir, tmp_path):
     write_synthetic_run(tmp_path / "runs" / "frozen", frozen=True)
     runs = load_runs(tmp_path / "runs")
     evals = runs.table("evals")
-    assert list(evals.columns[:5]) == ["run", "arm", "seed", "lr", "batch_size"]
+    assert list(evals.columns[:5]) == ["run", "arm", "seed", "run_lr", "run_batch_size"]
     assert list(evals.columns[5:]) == list(runs[0].evals.columns)
     assert len(evals) == 2 * len(synthetic_evals())
     assert set(evals["run"]) == {"frozen", "learned"}
     events = runs.table("events")
     assert len(events) == sum(len(run.events) for run in runs)
+
+
+@pytest.mark.parametrize("name", ["steps", "layers", "evals", "dense_knn", "events"])
+def test_run_set_table_every_name(learned_dir, tmp_path, name):
+    write_synthetic_run(tmp_path / "runs" / "frozen", frozen=True)
+    runs = load_runs(tmp_path / "runs")
+    stacked = runs.table(name)
+    assert list(stacked.columns[:5]) == list(LEAD_COLUMNS)
+    assert list(stacked.columns[5:]) == list(getattr(runs[0], name).columns)
+    assert len(stacked) == sum(len(getattr(run, name)) for run in runs)
+
+
+def test_run_set_table_steps_keeps_step_lr(learned_dir, tmp_path):
+    write_synthetic_run(tmp_path / "runs" / "frozen", frozen=True)
+    steps = load_runs(tmp_path / "runs").table("steps")
+    assert (steps["run_lr"] == 1.5e-4).all()
+    assert (steps["run_batch_size"] == 256).all()
+    assert steps["lr"].tolist() == [1.5e-4] * (2 * STEPS)
+
+
+def test_run_set_table_lead_names_not_in_tables():
+    for columns in [*TABLE_COLUMNS.values(), EVENT_COLUMNS]:
+        assert not set(LEAD_COLUMNS) & set(columns)
 
 
 def test_run_set_table_rejects_name(learned_dir):
@@ -553,3 +585,111 @@ def test_public_names_resolve():
 def test_unknown_name_raises_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'load_everything'"):
         stabilitylab.load_everything  # noqa: B018
+
+
+# Runs without transformer blocks, damaged runs, wrong argument types
+
+
+def write_resnet_like_run(path: Path) -> Path:
+    """Write a run grouped like a ResNet (no blocks.NN) whose token_grad_norm is all NaN."""
+    writer = RunWriter(path)
+    layers = ["stem", "layer1", "fc"]
+    writer.write_config({"seed": 0, "source": "monitor"}, {"layers": layers}, {})
+    writer.write_status("finished")
+    rng = np.random.default_rng(0)
+    step = np.arange(60)
+    steps = steps_frame(
+        step,
+        loss=2.0 * np.exp(rng.normal(0.0, 0.005, len(step))),
+        grad_norm=log_noise(rng, len(step), spread=0.05),
+        token_grad_norm=np.full(len(step), np.nan),
+    )
+    grads = {layer: log_noise(rng, len(step), spread=0.05) for layer in layers}
+    writer.append("steps", steps)
+    writer.append("layers", layers_frame(step, grads))
+    return path
+
+
+def test_lag_reason_without_blocks(tmp_path):
+    run = load_run(write_resnet_like_run(tmp_path / "resnet"))
+    assert run.lags.empty
+    assert "no transformer blocks (blocks.NN)" in run.lag_reason
+    assert run.lags.attrs["reason"] == run.lag_reason
+
+
+def test_first_layer_none_without_signal(tmp_path):
+    run = load_run(write_resnet_like_run(tmp_path / "resnet"))
+    assert run.first_layer is None
+    assert "first-layer signal (token_grad_norm) has no finite" in run.lag_reason
+    assert pd.isna(compare_runs([run])["first_layer_spikes"].iloc[0])
+
+
+def test_lag_reason_none_with_blocks(learned):
+    assert learned.lag_reason is None
+
+
+def test_report_explains_missing_lag(tmp_path):
+    run_dir = write_resnet_like_run(tmp_path / "resnet")
+    report = write_report([run_dir]) / "report.md"
+    text = report.read_text()
+    assert "no transformer blocks (blocks.NN) in this run's layer groups" in text
+    assert "n/a (no first-layer signal)" in text
+
+
+def test_load_runs_skips_damaged_found_run(learned_dir, tmp_path, caplog):
+    damaged = tmp_path / "runs" / "damaged"
+    damaged.mkdir()
+    (damaged / "config.json").write_text("{not json")
+    with caplog.at_level("WARNING", logger="stabilitylab.analysis.collection"):
+        runs = load_runs(tmp_path / "runs")
+    assert [run.name for run in runs] == ["learned"]
+    assert len(runs.skipped) == 1
+    assert str(damaged) in runs.skipped[0]
+    assert "is skipped" in caplog.text
+
+
+def test_load_runs_damaged_named_run_raises(tmp_path):
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "config.json").write_text("{not json")
+    with pytest.raises(RunDirError, match="not valid JSON"):
+        load_runs([damaged])
+
+
+@pytest.mark.parametrize(
+    ("call", "expected"),
+    [
+        (lambda: load_run(None), "load_run got a NoneType"),
+        (lambda: load_run(["a"]), "stabilitylab.load_runs reads several"),
+        (lambda: load_runs(None), "load_runs got a NoneType"),
+        (lambda: load_runs([1]), "load_runs got a int"),
+    ],
+)
+def test_wrong_argument_types(call, expected):
+    with pytest.raises(TypeError, match=re.escape(expected)):
+        call()
+
+
+def test_damaged_derived_layers_ignored(tmp_path, caplog):
+    path = write_synthetic_run(tmp_path / "run")
+    payload = json.loads((path / "config.json").read_text())
+    payload["derived"]["layers"] = "oops"
+    (path / "config.json").write_text(json.dumps(payload))
+    run = load_run(path)
+    assert run.layer_names == LAYERS
+    assert any("derived.layers" in warning for warning in run.warnings)
+
+
+def test_paired_differences_names_lone_run(learned):
+    frame = paired_differences([learned])
+    assert frame.empty
+    assert frame.attrs["unpaired"] == ["learned: no frozen run with seed 0"]
+
+
+def test_events_training_rows(tmp_path):
+    path = write_synthetic_run(tmp_path / "run")
+    RunWriter(path).write_status("finished", skipped_steps=[5, 6])
+    events = load_run(path).events
+    skipped = events[events["kind"] == "skipped_step"]
+    assert skipped["step"].tolist() == [5, 6]
+    assert skipped["series"].isna().all()

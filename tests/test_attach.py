@@ -15,12 +15,15 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 import stabilitylab
+from stabilitylab.config import derive
 from stabilitylab.detect import detect_run
 from stabilitylab.errors import ConfigError, RunDirError
+from stabilitylab.methods.mocov3 import MoCoV3
 from stabilitylab.monitor.attach import KnnEvaluation, Monitor
-from stabilitylab.monitor.grouping import group_model
+from stabilitylab.monitor.grouping import group_model, unwrap_model
 from stabilitylab.report import write_report
 from stabilitylab.runs import TABLE_COLUMNS, read_run
+from stabilitylab.train.loop import build_model
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "instrument.md"
 
@@ -179,6 +182,125 @@ def test_grouping_unmatched_parameter_error():
 def test_grouping_callable_none_for_trainable():
     with pytest.raises(ConfigError, match="'stem.weight'"):
         group_model(BlockNet(), lambda name: None)
+
+
+def test_grouping_callable_error_names_parameter():
+    def group_of(name: str) -> str:
+        raise KeyError(name)
+
+    with pytest.raises(ConfigError, match="raised KeyError.*'stem.weight'"):
+        group_model(BlockNet(), group_of)
+
+
+# -- a ViT inside a wrapper -----------------------------------------------------------------
+
+
+def tiny_mocov3(tiny_config, frozen: bool = True) -> MoCoV3:
+    """stabilitylab's own MoCo v3 module on an 8 px ViT, as stabilitylab run builds it."""
+    config = tiny_config(img_size=8, freeze_patch_embed=frozen)
+    return build_model(config, derive(config, train_size=1347, in_chans=1, num_classes=10))
+
+
+def trainable_adamw(model: nn.Module) -> torch.optim.AdamW:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+
+def optimizer_ids(optimizer: torch.optim.Optimizer) -> set[int]:
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def test_grouping_mocov3_online_vit(tiny_config):
+    model = tiny_mocov3(tiny_config)
+    grouping = group_model(model, owned=optimizer_ids(trainable_adamw(model)))
+    blocks = [f"blocks.{index:02d}" for index in range(len(model.backbone.blocks))]
+    assert grouping.kind == "vit"
+    assert grouping.names == [
+        "patch_embed", "cls_token", "pos_embed", *blocks, "norm", "projector", "predictor"
+    ]  # fmt: skip
+    assert grouping.vit.path == "backbone"
+    assert grouping.vit.chosen_by == "optimizer"
+    assert grouping.vit.candidates == ("backbone", "momentum_backbone")
+    assert grouping.left_out == ["momentum_backbone", "momentum_projector"]
+    assert grouping.first_block is model.backbone.blocks[0]
+    assert grouping.last_block == blocks[-1]
+
+
+def test_grouping_mocov3_ema_parameters_left_out(tiny_config):
+    model = tiny_mocov3(tiny_config)
+    grouped = {id(p) for _, members in group_model(model).groups for _, p in members}
+    momentum = [*model.momentum_backbone.parameters(), *model.momentum_projector.parameters()]
+    assert not grouped & {id(p) for p in momentum}
+    assert {id(p) for p in model.backbone.parameters()} <= grouped
+
+
+def test_grouping_nested_path_groups():
+    model = nn.Module()
+    model.encoder = nn.Module()
+    model.encoder.backbone = tiny_vit()
+    model.encoder.proj = nn.Linear(16, 8)
+    grouping = group_model(model)
+    assert grouping.vit.path == "encoder.backbone"
+    assert grouping.vit.chosen_by == "only"
+    assert grouping.names[0] == "patch_embed"
+    assert grouping.names[-2:] == ["head", "encoder.proj"]
+    assert grouping.first_block_name == "encoder.backbone.blocks.0"
+
+
+def test_grouping_compiled_vit_unwrapped():
+    model = tiny_vit()
+    compiled = torch.compile(model)  # compiles at the first call, so this only wraps
+    assert type(compiled).__name__ == "OptimizedModule"
+    assert unwrap_model(compiled) is model
+    assert group_model(unwrap_model(compiled)).names == group_model(model).names
+
+
+def test_grouping_orig_mod_child():
+    wrapper = nn.Module()
+    wrapper._orig_mod = tiny_vit()
+    grouping = group_model(wrapper)
+    assert grouping.names == group_model(tiny_vit()).names
+    assert grouping.vit.path == "_orig_mod"
+
+
+def mocov3_steps(model: MoCoV3, optimizer, monitor, steps: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        images = torch.rand(8, 1, 8, 8, generator=generator)
+        loss = model(images, images.flip(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        monitor.after_backward(loss, momentum=0.99)
+        optimizer.step()
+        model.update_momentum_encoder(0.99)
+
+
+def test_monitor_mocov3_frozen_arm(tiny_config, tmp_path):
+    model = tiny_mocov3(tiny_config, frozen=True)
+    optimizer = trainable_adamw(model)
+    with Monitor(model, optimizer, out=tmp_path / "run", config={"seed": 0}) as monitor:
+        mocov3_steps(model, optimizer, monitor, steps=3)
+    run = stabilitylab.load_run(tmp_path / "run")
+    assert run.config["freeze_patch_embed"] is True
+    assert run.arm == "frozen"
+    assert run.frozen_check["passed"] is True
+    assert run.derived["vit"]["path"] == "backbone"
+    assert run.derived["vit"]["chosen_by"] == "optimizer"
+    assert run.derived["left_out"] == ["momentum_backbone", "momentum_projector"]
+    assert run.first_layer == "token_grad_norm"
+    assert run.last_layer == f"grad_norm[blocks.{len(model.backbone.blocks) - 1:02d}]"
+    assert np.isfinite(run.steps["token_grad_norm"]).all()
+
+
+def test_monitor_mocov3_learned_arm(tiny_config, tmp_path):
+    model = tiny_mocov3(tiny_config, frozen=False)
+    optimizer = trainable_adamw(model)
+    with Monitor(model, optimizer, out=tmp_path / "run") as monitor:
+        mocov3_steps(model, optimizer, monitor, steps=2)
+    run = stabilitylab.load_run(tmp_path / "run")
+    assert run.config["freeze_patch_embed"] is False
+    assert run.arm == "learned"
+    assert run.first_layer == "grad_norm[patch_embed]"
+    assert run.frozen_check is None
 
 
 # -- signals --------------------------------------------------------------------------------
@@ -435,6 +557,7 @@ def test_nonfinite_loss_stops_recording(tmp_path):
     assert run.status["state"] == "failed"
     assert run.status["step"] == 1
     assert list(run.steps["step"]) == [0, 1]
+    assert run.status["backward_passes_per_step"] == {"1": 2}
 
 
 def test_step_without_loss_raises(tmp_path):
@@ -458,3 +581,119 @@ def test_config_json_contents(tmp_path):
     assert payload["derived"]["grouping"] == "generic"
     assert payload["derived"]["first_block"] == "blocks.0"
     assert payload["environment"]["seed"] == 3
+
+
+def test_config_numpy_and_tensor_values(tmp_path):
+    model = BlockNet()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    config = {
+        "lr": np.float32(0.5),
+        "seed": np.int64(3),
+        "scale": torch.tensor(2.0),
+        "steps": torch.tensor(7),
+        "flags": {"amp": np.bool_(True)},
+        "betas": (0.9, np.float64(0.95)),
+    }
+    Monitor(model, optimizer, out=tmp_path / "run", config=config).close()
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert stored["lr"] == 0.5
+    assert stored["seed"] == 3
+    assert stored["scale"] == 2.0
+    assert stored["steps"] == 7
+    assert stored["flags"] == {"amp": True}
+    assert stored["betas"] == [0.9, 0.95]
+    assert isinstance(stored["seed"], int)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ({"a", "b"}, r"config\['bad'\] is a set"),
+        (nn.Linear(2, 2), r"config\['bad'\] is a Linear"),
+        (float("nan"), r"config\['bad'\] is nan"),
+        ({"inner": float("inf")}, r"config\['bad'\]\['inner'\] is inf"),
+        (torch.ones(3), r"config\['bad'\] is a tensor of shape \(3,\)"),
+        (Path("data"), r"config\['bad'\] is a PosixPath|config\['bad'\] is a WindowsPath"),
+    ],
+)
+def test_config_value_without_json_rejected(tmp_path, value, expected):
+    model = BlockNet()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(ConfigError, match=expected):
+        Monitor(model, optimizer, out=tmp_path / "run", config={"bad": value})
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("loss", ["2.5", None, [1.0]])
+def test_after_backward_rejects_non_number(tmp_path, loss):
+    model = BlockNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Monitor(model, optimizer, out=tmp_path / "run") as monitor:
+        with pytest.raises(ConfigError, match="as the loss"):
+            monitor.after_backward(loss)
+
+
+def test_all_frozen_model_rejected(tmp_path):
+    model = BlockNet().requires_grad_(False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match="every parameter of the model"):
+        Monitor(model, optimizer, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_partial_optimizer_warns(tmp_path, caplog):
+    model = BlockNet()
+    optimizer = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    with caplog.at_level("WARNING", logger="stabilitylab.monitor.attach"):
+        Monitor(model, optimizer, out=tmp_path / "run").close()
+    assert "are not in the optimizer" in caplog.text
+    assert "stem.weight" in caplog.text
+
+
+def test_closure_optimizer_rejected(tmp_path):
+    model = BlockNet()
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1)
+    x, y = batch()
+    monitor = Monitor(model, optimizer, out=tmp_path / "run")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        monitor.after_backward(loss)
+        return loss
+
+    with pytest.raises(stabilitylab.TrainingError, match="closure optimizers such as LBFGS"):
+        optimizer.step(closure)
+    monitor.close()
+
+
+def test_knn_k_above_bank_rejected(tmp_path):
+    model = BlockNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    knn = KnnEvaluation(model.features, knn_loader(1), knn_loader(2), every=2, k=40)
+    with pytest.raises(ConfigError, match="k=40 is more than the 30 images"):
+        Monitor(model, optimizer, out=tmp_path / "run", knn=knn)
+    assert not (tmp_path / "run").exists()
+
+
+def test_amp_nonfinite_loss_skipped_not_diverged(tmp_path):
+    torch.manual_seed(0)
+    model = BlockNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with Monitor(model, optimizer, out=tmp_path / "run", scaler=scaler) as monitor:
+        for step in range(4):
+            x, y = batch()
+            loss = nn.functional.cross_entropy(model(x), y) * (math.inf if step == 1 else 1.0)
+            optimizer.zero_grad()
+            scaler.scale(loss).backward()
+            monitor.after_backward(loss)
+            scaler.step(optimizer)
+            scaler.update()
+    run = stabilitylab.load_run(tmp_path / "run")
+    assert run.state == "finished"
+    assert list(run.steps["step"]) == [0, 1, 2, 3]
+    assert run.status["skipped_steps"] == [1]
+    assert not np.isfinite(run.steps["loss"][1])
+    assert run.verdict != "diverged"

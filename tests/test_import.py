@@ -20,7 +20,7 @@ from stabilitylab.importers.mapping import parse_map_option
 from stabilitylab.importers.signals import layer_order_key, parameter_group
 from stabilitylab.models.layers import group_order_key, vit_layer_groups
 from stabilitylab.report import write_report
-from stabilitylab.runs import TABLE_COLUMNS, read_run
+from stabilitylab.runs import TABLE_COLUMNS, prepare_run_dir, read_run
 from stabilitylab.train.tensorboard import check_tensorboard
 
 # -- sources written by the tests --------------------------------------------------------
@@ -207,8 +207,6 @@ def test_run_tensorboard_round_trip(tensorboard_run, tmp_path):
 def test_run_tensorboard_overwrite(tensorboard_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(tensorboard_run, copy)
-    from stabilitylab.runs import prepare_run_dir
-
     prepare_run_dir(copy, overwrite=True)
     assert list(copy.iterdir()) == []
 
@@ -248,6 +246,46 @@ def test_tensorboard_dir_with_events_rejected(tmp_path):
         check_tensorboard(str(tmp_path / "shared"), tmp_path / "run")
 
 
+def test_tensorboard_path_under_file_rejected(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="because .*file is a file, not a folder"):
+        check_tensorboard(str(tmp_path / "file" / "sub"), tmp_path / "run")
+
+
+def test_cli_run_tensorboard_under_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "run"
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        status = cli.main(
+            [
+                "run",
+                "--out",
+                str(out),
+                *TINY_RUN_ARGS,
+                "--tensorboard",
+                str(tmp_path / "file" / "sub"),
+            ]
+        )
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    error = capsys.readouterr().err
+    assert status == 2
+    assert "is a file, not a folder" in error
+    assert len(error.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_empty_table_folders_count_as_empty(tmp_path):
+    out = tmp_path / "run"
+    for table in TABLE_COLUMNS:
+        (out / table).mkdir(parents=True)
+    assert prepare_run_dir(out) == out
+    (out / "steps" / "notes.txt").write_text("keep")
+    with pytest.raises(RunDirError, match="already contains files"):
+        prepare_run_dir(out)
+
+
 def test_tensorboard_package_missing(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard.writer", None)
@@ -284,6 +322,27 @@ def test_lightning_several_versions_rejected(tmp_path):
     write_lightning(tmp_path, lightning_metrics(steps=5), "version_1")
     with pytest.raises(DataError, match="contains 2 runs"):
         import_run(tmp_path / "lightning_logs", tmp_path / "run")
+
+
+def test_lightning_save_dir_one_run(tmp_path):
+    write_lightning(tmp_path / "logs", lightning_metrics(steps=10))
+    result = import_run(tmp_path / "logs", tmp_path / "run")
+    assert result.format == "lightning-csv"
+    assert read_run(result.run_dir).steps["step"].tolist() == list(range(10))
+
+
+def test_lightning_save_dir_several_runs_rejected(tmp_path):
+    write_lightning(tmp_path / "logs", lightning_metrics(steps=5), "version_0")
+    write_lightning(tmp_path / "logs", lightning_metrics(steps=5), "version_1")
+    with pytest.raises(DataError, match="contains 2 runs .*version_0.*version_1"):
+        import_run(tmp_path / "logs", tmp_path / "run")
+
+
+def test_lightning_epoch_repeats_not_logged(tmp_path, caplog):
+    source = write_lightning(tmp_path, lightning_metrics(steps=40))
+    with caplog.at_level("INFO", logger="stabilitylab.importers"):
+        import_run(source, tmp_path / "run")
+    assert "more than once" not in caplog.text
 
 
 def test_wandb_history_export(tmp_path):
@@ -443,6 +502,66 @@ def test_logged_nan_loss_is_divergence(tmp_path):
     assert events_of(run_dir)["verdict"]["verdict"] == "diverged"
 
 
+def test_one_nonfinite_loss_is_skipped_step(tmp_path):
+    rows = [f"{step},{'inf' if step == 5 else 1.0 - 0.01 * step}," for step in range(10)]
+    rows[9] = "9,0.91,30.0"
+    (tmp_path / "metrics.csv").write_text("step,loss,knn_top1\n" + "\n".join(rows) + "\n")
+    run_dir = import_run(tmp_path / "metrics.csv", tmp_path / "run").run_dir
+    write_report([run_dir])
+    summary = imported(run_dir)
+    assert summary["nonfinite_loss_step"] is None
+    assert summary["transient_nonfinite_loss_steps"] == [5]
+    assert read_run(run_dir).status["skipped_steps"] == [5]
+    assert events_of(run_dir)["verdict"]["verdict"] != "diverged"
+
+
+def test_loss_nonfinite_to_the_end_is_divergence(tmp_path):
+    (tmp_path / "metrics.csv").write_text(
+        "step,loss,knn_top1\n0,1.0,10.0\n1,nan,\n2,0.9,\n3,inf,\n4,nan,11.0\n"
+    )
+    run_dir = import_run(tmp_path / "metrics.csv", tmp_path / "run").run_dir
+    summary = imported(run_dir)
+    assert summary["nonfinite_loss_step"] == 3
+    assert summary["transient_nonfinite_loss_steps"] == [1]
+
+
+def text_cell_metrics(path):
+    frame = lightning_metrics(steps=40).astype(object)
+    frame.loc[frame["step"] == 5, "train_loss_step"] = "n/a"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_text_cell_in_signal_column_rejected(tmp_path):
+    source = text_cell_metrics(tmp_path / "metrics.csv")
+    with pytest.raises(
+        DataError, match=r"'train_loss_step' contains the text 'n/a' at line \d+ \(step 5\)"
+    ):
+        import_run(source, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_text_cell_read_as_missing(tmp_path, caplog):
+    source = text_cell_metrics(tmp_path / "metrics.csv")
+    with caplog.at_level("WARNING", logger="stabilitylab.importers"):
+        run_dir = import_run(source, tmp_path / "run", text_as_nan=True).run_dir
+    run = read_run(run_dir)
+    loss = run.steps.set_index("step")["loss"]
+    assert np.isnan(loss[5])
+    assert loss.drop(5).notna().all()
+    assert imported(run_dir)["text_cells"]["train_loss_step"]["count"] == 1
+    assert imported(run_dir)["nonfinite_loss_step"] is None
+    assert "read its 1 text cell(s) as missing values" in caplog.text
+
+
+def test_text_only_alias_column_warned(tmp_path, caplog):
+    (tmp_path / "metrics.csv").write_text("step,loss,grad_norm\n0,1.0,n/a\n1,0.9,n/a\n")
+    with caplog.at_level("WARNING", logger="stabilitylab.importers"):
+        import_run(tmp_path / "metrics.csv", tmp_path / "run")
+    assert "contain only text, not numbers, so they are not imported: grad_norm" in caplog.text
+    assert "no column of numbers for" in caplog.text
+
+
 # -- errors --------------------------------------------------------------------------------
 
 
@@ -462,6 +581,8 @@ def _write_error_sources(tmp_path):
     pd.DataFrame({"step": [0, 1], "loss": [1.0, 2.0]}).to_csv(tmp_path / "ok.csv", index=False)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("keep")
+    (tmp_path / "semicolon.csv").write_text("step;loss\n0;1.0\n1;2.0\n")
+    (tmp_path / "file").write_text("x")
 
 
 @pytest.mark.parametrize(
@@ -474,11 +595,20 @@ def _write_error_sources(tmp_path):
         ("nostep.csv", ["--format", "lightning-csv"], "has no step column 'step'"),
         ("ok.csv", ["--map", "val_acc=knn_top1"], "has no column 'val_acc'"),
         ("ok.csv", ["--map", "loss=knn_top9"], "'knn_top9' is not a signal name"),
+        ("semicolon.csv", [], "contains semicolons: save the file with commas"),
+        ("ok.csv", ["--out-parent-file"], "because {tmp}/file is a file, not a folder"),
+        ("ok.csv", ["--out-not-run", "--overwrite"], "so it is not a run directory"),
     ],
 )
 def test_cli_import_rejects_bad_input(tmp_path, capsys, source, extra, expected):
     _write_error_sources(tmp_path)
     out = tmp_path / "run"
+    if "--out-parent-file" in extra:
+        out = tmp_path / "file" / "run"
+    if "--out-not-run" in extra:
+        out = tmp_path / "taken"
+    extra = [option for option in extra if option not in ("--out-parent-file", "--out-not-run")]
+    expected = expected.format(tmp=tmp_path)
     try:
         status = cli.main(["import", str(tmp_path / source), "--out", str(out), "--quiet", *extra])
     except SystemExit as exit:  # argparse rejects an invalid choice before main's handler
@@ -488,7 +618,7 @@ def test_cli_import_rejects_bad_input(tmp_path, capsys, source, extra, expected)
     assert expected in error
     assert len(error.strip().splitlines()) == 1
     assert "Traceback" not in error
-    assert not out.exists()
+    assert not out.exists() or out.name == "taken"
 
 
 def test_cli_import_existing_out(tmp_path, capsys):
@@ -525,3 +655,19 @@ def test_import_existing_out_rejected(tmp_path):
     _write_error_sources(tmp_path)
     with pytest.raises(RunDirError, match="already contains files"):
         import_run(tmp_path / "ok.csv", tmp_path / "taken")
+
+
+def test_accuracy_fraction_then_percent_warned(tmp_path, caplog):
+    rows = [f"{step},1.0,{0.3 if step < 5 else 45.0}" for step in range(10)]
+    (tmp_path / "metrics.csv").write_text("step,loss,knn_top1\n" + "\n".join(rows) + "\n")
+    with caplog.at_level("WARNING", logger="stabilitylab.importers"):
+        run_dir = import_run(tmp_path / "metrics.csv", tmp_path / "run").run_dir
+    assert "5 of its 10 values lie in (0, 1]" in caplog.text
+    assert imported(run_dir)["mapping"]["knn_top1"]["unit"] == "percent"
+
+
+def test_damaged_event_file_reported(tmp_path):
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "tb" / "events.out.tfevents.1.host").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(DataError, match="no event could be read"):
+        import_run(tmp_path / "tb", tmp_path / "run")

@@ -15,6 +15,7 @@ from test_api import (
     write_synthetic_run,
 )
 
+from stabilitylab.importers import import_run
 from stabilitylab.sweep import run_name
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
@@ -117,6 +118,20 @@ def test_inspect_run_notebook_trained_run(sweep_dir):
     outputs = execute("inspect_run.ipynb", RUN_DIR=str(run_dir), DETECTORS=None)
     assert len(images(outputs)) == 3
     assert "token_grad_norm" in text_of(outputs)
+
+
+def test_inspect_run_notebook_without_layers(tmp_path):
+    rows = [
+        f"{step},{2.0 - 0.01 * step},{10.0 + step if step % 10 == 9 else ''}" for step in range(60)
+    ]
+    (tmp_path / "metrics.csv").write_text("step,loss,knn_top1\n" + "\n".join(rows) + "\n")
+    run_dir = import_run(tmp_path / "metrics.csv", tmp_path / "imported").run_dir
+    outputs = execute("inspect_run.ipynb", RUN_DIR=str(run_dir), DETECTORS=None)
+    text = text_of(outputs)
+    assert "has no per-layer gradient norms" in text
+    assert "no transformer blocks (blocks.NN)" in text
+    assert "has no first-layer signal" in text
+    assert len(images(outputs)) == 2
 
 
 def test_compare_arms_notebook_runs(sweep_dir):

@@ -12,7 +12,7 @@ Detection, pairing and the sweep numbers are those of ``stabilitylab report``. E
 here is also available from the package itself, as ``stabilitylab.load_run``.
 """
 
-from stabilitylab.analysis.collection import RunSet, load_runs
+from stabilitylab.analysis.collection import LEAD_COLUMNS, RunSet, load_runs
 from stabilitylab.analysis.compare import (
     COMPARE_COLUMNS,
     compare_runs,
@@ -34,6 +34,7 @@ __all__ = [
     "EVENT_KINDS",
     "LAG_COLUMNS",
     "LAYER_SIGNALS",
+    "LEAD_COLUMNS",
     "SENSITIVITY_COLUMNS",
     "SWEEP_COLUMNS",
     "RunData",

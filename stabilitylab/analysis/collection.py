@@ -5,8 +5,9 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -23,6 +24,9 @@ RunSource = str | os.PathLike[str]
 # Frames that RunSet.table stacks: the stored tables and the detected events.
 STACKABLE = (*TABLE_COLUMNS, "events")
 GLOB_CHARACTERS = frozenset("*?[")
+# The run-level columns that lead every frame of RunSet.table. No stored table or the events
+# frame has a column of these names.
+LEAD_COLUMNS = ("run", "arm", "seed", "run_lr", "run_batch_size")
 
 
 class RunSet(list[RunData]):
@@ -30,12 +34,19 @@ class RunSet(list[RunData]):
 
     ``sweep`` contains the sweep's ``path``, its ``manifest`` (the lr, batch-size, arm and
     seed grid and the shared options) and the names of the grid points not run yet
-    (``missing``).
+    (``missing``). ``skipped`` lists the damaged run folders that a pattern, a folder of
+    runs or a sweep contained, each as ``"PATH: reason"``.
     """
 
-    def __init__(self, runs: Iterable[RunData] = (), sweep: ReportSweep | None = None) -> None:
+    def __init__(
+        self,
+        runs: Iterable[RunData] = (),
+        sweep: ReportSweep | None = None,
+        skipped: Iterable[str] = (),
+    ) -> None:
         super().__init__(runs)
         self.sweep = sweep
+        self.skipped = list(skipped)
 
     def __repr__(self) -> str:
         where = f", sweep={str(self.sweep.path)!r}" if self.sweep is not None else ""
@@ -47,10 +58,14 @@ class RunSet(list[RunData]):
         return run_labels(self)
 
     def table(self, name: str) -> pd.DataFrame:
-        """Stack one frame of every run, led by the columns run, arm, seed, lr and batch_size.
+        """Stack one frame of every run, led by the columns of :data:`LEAD_COLUMNS`.
 
-        ``name`` is ``steps``, ``layers``, ``evals``, ``dense_knn`` or ``events``. ``run`` is
-        the run's label from :attr:`labels`. Raises ConfigError for another name.
+        ``name`` is ``steps``, ``layers``, ``evals``, ``dense_knn`` or ``events``. The lead
+        columns are ``run`` (the run's label from :attr:`labels`), ``arm``, ``seed``,
+        ``run_lr`` (the configured base lr) and ``run_batch_size``. The ``run_`` prefix keeps
+        them apart from table columns such as the per-step ``lr`` of ``steps``. Raises
+        ConfigError for another name, and RunDirError for a stored table that has a column
+        of a lead name.
         """
         if name not in STACKABLE:
             raise ConfigError(
@@ -58,15 +73,26 @@ class RunSet(list[RunData]):
             )
         frames = []
         for run, label in zip(self, self.labels, strict=True):
-            frame = getattr(run, name).copy()
-            identity = {"run": label, **run_values(run)}
-            for position, (column, value) in enumerate(identity.items()):
-                frame.insert(position, column, value)
-            frames.append(frame)
+            frames.append(_with_lead_columns(getattr(run, name), name, run, label))
         if not frames:
             raise RunDirError("the run set is empty; load runs with stabilitylab.load_runs first")
         non_empty = [frame for frame in frames if not frame.empty]
         return pd.concat(non_empty or frames[:1], ignore_index=True)
+
+
+def _with_lead_columns(frame: pd.DataFrame, name: str, run: RunData, label: str) -> pd.DataFrame:
+    """Return a copy of ``frame`` with the run's lead columns in front."""
+    clash = [column for column in LEAD_COLUMNS if column in frame.columns]
+    if clash:
+        raise RunDirError(
+            f"the {name} table of {run.path} has a column {clash[0]!r}, a name that "
+            "RunSet.table gives the run's own values; it was not written by stabilitylab"
+        )
+    lead = {"run": label, **run_values(run)}
+    frame = frame.copy()
+    for position, column in enumerate(LEAD_COLUMNS):
+        frame.insert(position, column, lead[column])
+    return frame
 
 
 def load_runs(source: RunSource | Iterable[RunSource], detectors: Detectors = None) -> RunSet:
@@ -75,12 +101,17 @@ def load_runs(source: RunSource | Iterable[RunSource], detectors: Detectors = No
     ``source`` is a run folder, a sweep folder (one with ``sweep.json``), a folder whose
     subfolders are runs, a glob pattern such as ``"runs/*"``, or a list of these. A sweep
     gives its grid points that have a run folder, in grid order, and a pattern's matches
-    that are not runs are skipped. ``detectors`` is as in :func:`load_run`.
+    that are not runs are skipped. A damaged run (an unreadable ``config.json``) that a
+    pattern, a folder of runs or a sweep contains is skipped with a warning and listed in
+    ``RunSet.skipped``, and one given by its own path raises. ``detectors`` is as in
+    :func:`load_run`.
 
     Raises RunDirError for an empty list, a missing path, a pattern that matches no run
-    folder and a folder that is neither a run, a sweep nor a folder of runs.
+    folder, a folder that is neither a run, a sweep nor a folder of runs, and a damaged run
+    given by its path. Raises TypeError for a ``source`` that is not a path, a pattern or a
+    list of them.
     """
-    sources = [source] if isinstance(source, str | os.PathLike) else list(source)
+    sources = _source_list(source)
     if not sources:
         raise RunDirError(
             "no run folder was given; pass a run folder, a sweep folder, a glob pattern such "
@@ -90,10 +121,47 @@ def load_runs(source: RunSource | Iterable[RunSource], detectors: Detectors = No
     sweep = None
     if len(sources) == 1 and _is_plain_path(sources[0]):
         sweep = _read_sweep(Path(sources[0]).expanduser())
-    paths = sweep.run_paths if sweep is not None else _unique(_expand_all(sources))
-    runs = [RunData.from_run(read_run(path), params) for path in paths]
+    if sweep is not None:
+        entries = [(path, False) for path in sweep.run_paths]
+    else:
+        entries = _unique(_expand_all(sources))
+    runs: list[RunData] = []
+    skipped: list[str] = []
+    for path, named in entries:
+        try:
+            run = read_run(path)
+        except RunDirError as error:
+            if named:
+                raise
+            log.warning("%s is skipped: %s", path, error)
+            skipped.append(f"{path}: {error}")
+            continue
+        runs.append(RunData.from_run(run, params))
+    if not runs and skipped:
+        raise RunDirError(
+            f"every run folder found is damaged, so none was read; the first: {skipped[0]}"
+        )
     log.info("read %d runs", len(runs))
-    return RunSet(runs, sweep=sweep)
+    return RunSet(runs, sweep=sweep, skipped=skipped)
+
+
+def _source_list(source: Any) -> list[RunSource]:
+    """Return ``source`` as a list of paths and patterns; raise TypeError for other types."""
+    if isinstance(source, str | os.PathLike):
+        return [source]
+    if isinstance(source, Iterable) and not isinstance(source, bytes | Mapping):
+        items = list(source)
+        wrong = [item for item in items if not isinstance(item, str | os.PathLike)]
+        if not wrong:
+            return items
+        raise TypeError(
+            f"load_runs got a {type(wrong[0]).__name__} ({wrong[0]!r}) in its list; pass run "
+            "folders and glob patterns as str or pathlib.Path"
+        )
+    raise TypeError(
+        f"load_runs got a {type(source).__name__} ({source!r}); pass a run folder, a sweep "
+        "folder or a glob pattern as a str or pathlib.Path, or a list of them"
+    )
 
 
 def _is_plain_path(source: RunSource) -> bool:
@@ -104,14 +172,17 @@ def _read_sweep(path: Path) -> ReportSweep | None:
     return load_report_sweep([path]) if is_sweep_dir(path) else None
 
 
-def _expand_all(sources: Iterable[RunSource]) -> list[Path]:
-    paths: list[Path] = []
+def _expand_all(sources: Iterable[RunSource]) -> list[tuple[Path, bool]]:
+    """Return each run folder with whether it was named by its own path (not found in one)."""
+    entries: list[tuple[Path, bool]] = []
     for source in sources:
         if _is_plain_path(source):
-            paths += _expand_folder(Path(source).expanduser())
+            path = Path(source).expanduser()
+            named = path.is_dir() and (path / CONFIG_FILE).is_file() and not is_sweep_dir(path)
+            entries += [(found, named) for found in _expand_folder(path)]
         else:
-            paths += _expand_pattern(os.fspath(source))
-    return paths
+            entries += [(found, False) for found in _expand_pattern(os.fspath(source))]
+    return entries
 
 
 def _expand_folder(path: Path) -> list[Path]:
@@ -162,15 +233,15 @@ def _expand_pattern(pattern: str) -> list[Path]:
     return paths
 
 
-def _unique(paths: Iterable[Path]) -> list[Path]:
-    """Return ``paths`` in order without a second entry for the same folder."""
+def _unique(entries: Iterable[tuple[Path, bool]]) -> list[tuple[Path, bool]]:
+    """Return ``entries`` in order without a second entry for the same folder."""
     seen: set[Path] = set()
     unique = []
-    for path in paths:
+    for path, named in entries:
         resolved = path.resolve()
         if resolved in seen:
             log.info("%s was given more than once, so it is read once", path)
             continue
         seen.add(resolved)
-        unique.append(path)
+        unique.append((path, named))
     return unique

@@ -22,7 +22,7 @@ from stabilitylab.detect import GRAD_NORM, LOSS
 from stabilitylab.detect.verdict import HiddenCost, hidden_costs
 from stabilitylab.report.diagnosis import twin_key
 from stabilitylab.report.statistics import mean_interval
-from stabilitylab.report.summary import pair_arms, run_labels
+from stabilitylab.report.summary import ArmPair, pair_arms, run_labels
 from stabilitylab.runs import Run
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,9 @@ def _grad_spikes(run: RunData) -> float:
 
 
 def _first_layer_spikes(run: RunData) -> float:
+    """Count the first-layer spikes, NaN for a run without a first-layer signal."""
+    if run.first_layer is None:
+        return math.nan
     return float(len(run.detection.spikes_on(run.detection.first_layer)))
 
 
@@ -136,7 +139,7 @@ def _compare_row(run: RunData, label: str, cost: HiddenCost | None) -> dict[str,
         "deepest_dip": max(depths) if depths else math.nan,
         "dip_depth": float(sum(depths)),
         "grad_spikes": len(events.spikes_on(GRAD_NORM)),
-        "first_layer_spikes": len(events.spikes_on(events.first_layer)),
+        "first_layer_spikes": _first_layer_spikes(run),
         "loss_spikes": len(events.spikes_on(LOSS)),
         "median_delay": events.lag.median_delay if events.lag is not None else math.nan,
         "verdict": run.verdict,
@@ -151,12 +154,14 @@ def paired_differences(runs: Runs) -> pd.DataFrame:
 
     Columns: ``seed``, ``learned`` and ``frozen`` (run labels), then for each of
     final_top1, best_top1, dips, dip_depth, grad_spikes and first_layer_spikes the columns
-    ``NAME_learned``, ``NAME_frozen`` and ``NAME_diff`` (frozen minus learned). Seeds left
-    unpaired are described in ``frame.attrs["unpaired"]``.
+    ``NAME_learned``, ``NAME_frozen`` and ``NAME_diff`` (frozen minus learned). Runs left
+    unpaired are described in ``frame.attrs["unpaired"]``: seeds with both arms that do not
+    pair, and each run whose seed has no run of the other arm (or that has no seed).
     """
     items = as_run_data(runs)
     pairs, unpaired = pair_arms(items)
     labels = run_labels(items)
+    unpaired = [*unpaired, *_runs_without_twin(items, labels, pairs)]
     rows = []
     for pair in pairs:
         learned, frozen = items[pair.learned], items[pair.frozen]
@@ -178,6 +183,34 @@ def paired_differences(runs: Runs) -> pd.DataFrame:
     if unpaired:
         log.info("not paired: %s", "; ".join(unpaired))
     return frame
+
+
+def _runs_without_twin(
+    items: Sequence[RunData], labels: Sequence[str], pairs: Sequence[ArmPair]
+) -> list[str]:
+    """Describe the runs outside every pair whose seed has no run of the other arm.
+
+    Seeds that have both arms but do not pair are described by ``pair_arms`` already.
+    """
+    paired = {index for pair in pairs for index in (pair.learned, pair.frozen)}
+    arms_of_seed: dict[Any, set[str]] = {}
+    for run in items:
+        arms_of_seed.setdefault(_seed_key(run), set()).add(run.arm)
+    notes = []
+    for index, (run, label) in enumerate(zip(items, labels, strict=True)):
+        if index in paired:
+            continue
+        if run.seed is None:
+            notes.append(f"{label}: no seed in its configuration, so it has no twin")
+            continue
+        other = "frozen" if run.arm == "learned" else "learned"
+        if other not in arms_of_seed[_seed_key(run)]:
+            notes.append(f"{label}: no {other} run with seed {run.seed}")
+    return notes
+
+
+def _seed_key(run: RunData) -> str:
+    return repr(run.seed)
 
 
 def paired_summary(runs: Runs) -> pd.DataFrame:

@@ -12,7 +12,15 @@ from typing import Any
 
 import pandas as pd
 
-from stabilitylab.detect import Dip, FaultMatch, LagStats, RunEvents, SpikeEvent
+from stabilitylab.detect import (
+    Dip,
+    Divergence,
+    FaultMatch,
+    LagStats,
+    LossScaleChange,
+    RunEvents,
+    SpikeEvent,
+)
 from stabilitylab.detect.faults import GRADIENT_FAULT
 
 SPIKE = "spike"
@@ -20,7 +28,20 @@ DIP = "dip"
 DENSE_DIP = "dense_dip"
 GRADIENT_FAULT_KIND = "gradient_fault"
 LR_FAULT_KIND = "lr_fault"
-EVENT_KINDS = (SPIKE, DIP, DENSE_DIP, GRADIENT_FAULT_KIND, LR_FAULT_KIND)
+# Events that the training loop (or the import) recorded, rather than the detectors found.
+DIVERGENCE_KIND = "divergence"
+SKIPPED_STEP_KIND = "skipped_step"
+LOSS_SCALE_KIND = "loss_scale_change"
+EVENT_KINDS = (
+    SPIKE,
+    DIP,
+    DENSE_DIP,
+    GRADIENT_FAULT_KIND,
+    LR_FAULT_KIND,
+    DIVERGENCE_KIND,
+    SKIPPED_STEP_KIND,
+    LOSS_SCALE_KIND,
+)
 
 # Column -> pandas dtype of the events frame. Where an event kind has no such value the cell
 # is missing (pandas.isna is true): NaN in text and float columns, pandas.NA in the others.
@@ -70,9 +91,11 @@ def series_layer(series: str | None) -> str | None:
 
 
 def events_frame(run_events: RunEvents) -> pd.DataFrame:
-    """Build the tidy frame of one run's spikes, dips, dense-monitor dips and planted faults.
+    """Build the tidy frame of one run's events, one row each, sorted by ``step``.
 
-    Rows are sorted by ``step``; the columns and their meaning per kind are in docs/api.md.
+    The rows are the spikes, dips, dense-monitor dips and planted faults, then the recorded
+    training events: the divergence, each skipped step and each loss-scale change. The
+    columns and their meaning per kind are in docs/api.md.
     """
     dip_of_spike = _attributed_dips(run_events)
     rows: list[dict[str, Any]] = []
@@ -81,6 +104,10 @@ def events_frame(run_events: RunEvents) -> pd.DataFrame:
     rows += [_dip_row(dip, DIP) for dip in run_events.dips]
     rows += [_dip_row(dip, DENSE_DIP) for dip in run_events.dense_dips]
     rows += [_fault_row(match, run_events) for match in run_events.planted_faults]
+    if run_events.divergence is not None:
+        rows.append(_divergence_row(run_events.divergence))
+    rows += [{"kind": SKIPPED_STEP_KIND, "step": step} for step in run_events.skipped_steps]
+    rows += [_loss_scale_row(change) for change in run_events.loss_scale_changes]
     frame = pd.DataFrame(rows, columns=list(EVENT_COLUMNS)).astype(EVENT_COLUMNS)
     order = frame["kind"].map({kind: rank for rank, kind in enumerate(EVENT_KINDS)})
     frame = frame.assign(_order=order).sort_values(["step", "_order", "series"], kind="stable")
@@ -148,6 +175,20 @@ def _fault_row(match: FaultMatch, run_events: RunEvents) -> dict[str, Any]:
         "found": match.found,
         "factor": match.factor,
         "lag_steps": match.lag_steps,
+    }
+
+
+def _divergence_row(divergence: Divergence) -> dict[str, Any]:
+    return {"kind": DIVERGENCE_KIND, "series": divergence.signal, "step": divergence.step}
+
+
+def _loss_scale_row(change: LossScaleChange) -> dict[str, Any]:
+    return {
+        "kind": LOSS_SCALE_KIND,
+        "series": "loss_scale",
+        "step": change.step,
+        "value": change.scale,
+        "baseline": change.previous_scale,
     }
 
 

@@ -23,7 +23,8 @@ from stabilitylab.detect import (
 from stabilitylab.detect.params_file import read_detector_file
 from stabilitylab.detect.verdict import UNDETERMINED
 from stabilitylab.errors import ConfigError, RunDirError
-from stabilitylab.report.summary import best_top1, final_top1
+from stabilitylab.report.diagnosis import missing_lag_reason
+from stabilitylab.report.summary import best_top1, final_top1, has_first_layer_signal
 from stabilitylab.runs import TABLE_COLUMNS, Run, read_run
 from stabilitylab.sweep import is_sweep_dir
 
@@ -104,8 +105,21 @@ class RunData(Run):
 
     @cached_property
     def lags(self) -> pd.DataFrame:
-        """Lags from the first-layer signal to the last block and to each head layer group."""
-        return lags_frame(self.detection)
+        """Lags from the first-layer signal to the last block and to each head layer group.
+
+        ``lags.attrs["reason"]`` is :attr:`lag_reason`.
+        """
+        frame = lags_frame(self.detection)
+        frame.attrs["reason"] = self.lag_reason
+        return frame
+
+    @property
+    def lag_reason(self) -> str | None:
+        """Why the run has no first-layer to last-block lag, or None when it can have one.
+
+        Such as "no transformer blocks (blocks.NN) in this run's layer groups" for a ResNet.
+        """
+        return missing_lag_reason(self, self.detection)
 
     @property
     def verdict(self) -> str:
@@ -119,12 +133,14 @@ class RunData(Run):
         return list(verdict.reasons) if verdict is not None else []
 
     @property
-    def first_layer(self) -> str:
+    def first_layer(self) -> str | None:
         """Series key of the first-layer signal, as :func:`stabilitylab.detect.detect_run` picks it.
 
         ``grad_norm[patch_embed]``, or ``token_grad_norm`` when the patch projection is frozen.
+        None when that signal has no finite, positive value, such as ``token_grad_norm`` of a
+        model without a first block.
         """
-        return select_first_layer(self)[0]
+        return select_first_layer(self)[0] if has_first_layer_signal(self) else None
 
     @property
     def last_layer(self) -> str | None:
@@ -197,9 +213,17 @@ def load_run(path: str | os.PathLike[str], detectors: Detectors = None) -> RunDa
 
     ``detectors`` sets the detector parameters: None for the defaults, a DetectorParams, or
     the path of a file from ``stabilitylab calibrate``. Raises RunDirError for a missing
-    path, a file, a sweep folder or a folder without ``config.json``, and ConfigError for
-    a bad detector file.
+    path, a file, a sweep folder or a folder without ``config.json``, ConfigError for a bad
+    detector file, and TypeError for a ``path`` that is not a str or path.
     """
+    if not isinstance(path, str | os.PathLike):
+        several = ""
+        if isinstance(path, list | tuple):
+            several = " (stabilitylab.load_runs reads several)"
+        raise TypeError(
+            f"load_run got a {type(path).__name__} ({path!r}); pass the folder of one run as "
+            f"a str or pathlib.Path{several}"
+        )
     run_dir = Path(path).expanduser()
     if is_sweep_dir(run_dir):
         raise RunDirError(
@@ -211,10 +235,10 @@ def load_run(path: str | os.PathLike[str], detectors: Detectors = None) -> RunDa
 
 
 def run_values(run: RunData) -> dict[str, Any]:
-    """Return the run's identity columns shared by every frame that spans runs."""
+    """Return the run-level values that lead the frames of ``RunSet.table``."""
     return {
         "arm": run.arm,
         "seed": run.seed,
-        "lr": run.config.get("lr"),
-        "batch_size": run.config.get("batch_size"),
+        "run_lr": run.config.get("lr"),
+        "run_batch_size": run.config.get("batch_size"),
     }

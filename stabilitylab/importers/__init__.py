@@ -26,19 +26,20 @@ from pathlib import Path
 from typing import Any
 
 import stabilitylab
-from stabilitylab.errors import DataError
+from stabilitylab.errors import DataError, RunDirError
 from stabilitylab.importers.formats import AUTO, FORMATS, read_source
 from stabilitylab.importers.mapping import (
     Mapping,
+    alias_candidate,
     listed,
     parse_map_options,
     resolve_mapping,
     step_column_option,
 )
 from stabilitylab.importers.signals import Signal
-from stabilitylab.importers.source import SourceData
+from stabilitylab.importers.source import TEXT_ONLY, SourceData
 from stabilitylab.importers.tables import ImportedTables, build_tables
-from stabilitylab.runs import RunWriter, make_dir, prepare_run_dir
+from stabilitylab.runs import RunWriter, is_run_dir, make_dir, prepare_run_dir
 
 __all__ = ["FORMATS", "ImportResult", "import_run"]
 
@@ -75,12 +76,15 @@ def import_run(
     mapping: Sequence[str] = (),
     frozen: bool | None = None,
     overwrite: bool = False,
+    text_as_nan: bool = False,
 ) -> ImportResult:
     """Import the run at ``source`` into the new run directory ``out``.
 
     ``mapping`` contains ``COLUMN=SIGNAL[:UNIT]`` texts as ``--map`` takes them. ``frozen``
     records whether the run kept its patch projection frozen; None records the default,
     learned, and logs that it was assumed. ``overwrite`` replaces a run directory at ``out``.
+    A CSV column that fills a signal and has text cells among its numbers (``n/a``) raises
+    DataError naming the first cell, unless ``text_as_nan`` reads such cells as missing.
 
     The source is read and checked before anything is written. The run directory is
     written into a hidden folder beside ``out`` and renamed to ``out`` when complete.
@@ -91,6 +95,7 @@ def import_run(
     _check_out_early(Path(out), overwrite)
     data = read_source(Path(source), format, step_column_option(options))
     resolved = resolve_mapping(data.columns, options, str(data.path), data.ignored)
+    _check_text_cells(data, resolved, text_as_nan)
     _require_detector_signal(data, resolved)
     tables = build_tables(data, resolved)
     if frozen is None:
@@ -120,9 +125,42 @@ def import_run(
 
 
 def _check_out_early(out: Path, overwrite: bool) -> None:
-    """Reject an unusable ``out`` before the source is read; prepare_run_dir raises then."""
+    """Reject an unusable ``out`` before the source is read.
+
+    These are the checks of prepare_run_dir that leave the folder as it is: ``out`` or a
+    parent is a file, ``out`` has files and no ``overwrite``, or ``out`` has files and is
+    not a run directory, which ``overwrite`` never empties.
+    """
+    blocking = next((parent for parent in out.parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise RunDirError(
+            f"--out {out} cannot be created, because {blocking} is a file, not a folder; "
+            "pass a folder path that contains no file"
+        )
     if out.exists() and (not out.is_dir() or (not overwrite and any(out.iterdir()))):
         prepare_run_dir(out, overwrite=overwrite)
+    if overwrite and out.is_dir() and any(out.iterdir()) and not is_run_dir(out):
+        # Rejects a folder with files that is not a run directory, and empties nothing.
+        prepare_run_dir(out, overwrite=overwrite)
+
+
+def _check_text_cells(data: SourceData, mapping: Mapping, text_as_nan: bool) -> None:
+    """Reject text cells in a column that fills a signal, or log them with ``text_as_nan``."""
+    mapped = {column for source in mapping.signals.values() for column in source.columns}
+    for column, cells in data.text_cells.items():
+        if column not in mapped:
+            continue
+        if not text_as_nan:
+            raise DataError(
+                f"{data.path}: {cells.describe()}; fix the cell, or pass --text-as-nan to read "
+                "text cells as missing values"
+            )
+        log.warning(
+            "%s: %s; read its %d text cell(s) as missing values (NaN), as --text-as-nan asks",
+            data.path,
+            cells.describe(),
+            cells.count,
+        )
 
 
 def _require_detector_signal(data: SourceData, mapping: Mapping) -> None:
@@ -145,9 +183,22 @@ def _log_summary(
     log.info("%s (%s): mapped %s", data.path, data.format, listed(pairs))
     if tables.missing:
         log.warning(
-            "%s: no column for %s, so they are NaN (see derived.import.missing in config.json)",
+            "%s: no column of numbers for %s, so they are NaN (see derived.import.missing in "
+            "config.json)",
             data.path,
             listed(tables.missing, limit=len(tables.missing)),
+        )
+    text_only = [
+        column
+        for column, reason in data.ignored.items()
+        if reason == TEXT_ONLY and alias_candidate(column) is not None
+    ]
+    if text_only:
+        log.warning(
+            "%s: columns whose names match a signal contain only text, not numbers, so "
+            "they are not imported: %s",
+            data.path,
+            listed(text_only),
         )
     if mapping.unknown:
         log.warning(
@@ -158,6 +209,7 @@ def _log_summary(
         )
     for column, reason in mapping.unused.items():
         log.info("%s: column %s not used: %s", data.path, column, reason)
+    _log_nonfinite_loss(data, tables)
     if arm_from == "default":
         log.info(
             "%s: recorded with a learned patch projection, the default; pass --frozen for a run "
@@ -171,6 +223,26 @@ def _log_summary(
             "%s: --frozen, but the source logs a gradient norm for patch_embed, which a frozen "
             "patch projection does not have",
             data.path,
+        )
+
+
+def _log_nonfinite_loss(data: SourceData, tables: ImportedTables) -> None:
+    transient = tables.transient_nonfinite_steps
+    if transient:
+        log.warning(
+            "%s: the logged loss is NaN or infinite at %d step(s), the first at step %d, and "
+            "finite losses follow each; such steps are recorded as skipped steps, not as a "
+            "divergence",
+            data.path,
+            len(transient),
+            transient[0],
+        )
+    if tables.nonfinite_loss_step is not None:
+        log.warning(
+            "%s: the logged loss is NaN or infinite from step %d to the end of the run, so the "
+            "run diverged there",
+            data.path,
+            tables.nonfinite_loss_step,
         )
 
 
@@ -198,7 +270,9 @@ def _import_summary(
             **{column: reason for column, reason in data.ignored.items() if column not in mapped},
             **{column: "--map COLUMN=ignore" for column in mapping.ignored},
         },
+        "text_cells": {column: cells.to_dict() for column, cells in data.text_cells.items()},
         "nonfinite_loss_step": tables.nonfinite_loss_step,
+        "transient_nonfinite_loss_steps": tables.transient_nonfinite_steps,
         "arm": "frozen" if frozen else "learned",
         "arm_from": arm_from,
         "rows": tables.row_counts(),
@@ -231,7 +305,14 @@ def _write_run_dir(
             writer.append(table, frame)
         steps = tables.tables["steps"]["step"]
         done = int(steps.max()) + 1 if len(steps) else 0
-        writer.write_status("finished", step=done, source=SOURCE_NAME)
+        # A one-off non-finite loss that finite losses follow left the weights usable, so the
+        # optimiser step was skipped (or was harmless), as an fp16 gradient scaler does.
+        writer.write_status(
+            "finished",
+            step=done,
+            source=SOURCE_NAME,
+            skipped_steps=tables.transient_nonfinite_steps,
+        )
         # Rejects an existing folder unless overwrite, and empties the old run if allowed.
         prepare_run_dir(out, overwrite=overwrite)
         staging.replace(out)

@@ -69,23 +69,30 @@ def csv_header(path: Path) -> list[str]:
 
 
 def find_lightning_metrics(path: Path) -> Path:
-    """Return the ``metrics.csv`` of a file, a ``version_N`` folder or a logger folder.
+    """Return the ``metrics.csv`` of a file, a ``version_N`` folder, a logger folder
+    (``NAME``) or the logger's ``save_dir``, which contains ``NAME/version_N``.
 
-    A logger folder with several ``version_N`` runs is an error that lists them.
+    A folder that contains several runs is an error that lists them, because the import
+    reads one run and picking one of them would be a guess.
     """
     if path.is_file():
         return path
     if (path / METRICS_FILE).is_file():
         return path / METRICS_FILE
-    versions = sorted(p.parent for p in path.glob(f"*/{METRICS_FILE}") if p.is_file())
-    if len(versions) == 1:
-        return versions[0] / METRICS_FILE
-    if versions:
-        names = ", ".join(str(version) for version in versions)
-        raise DataError(f"{path} contains {len(versions)} runs ({names}); pass one of them")
+    for pattern in (f"*/{METRICS_FILE}", f"*/*/{METRICS_FILE}"):
+        versions = sorted(p.parent for p in path.glob(pattern) if p.is_file())
+        if len(versions) == 1:
+            log.info("%s: reading the run in %s", path, versions[0])
+            return versions[0] / METRICS_FILE
+        if versions:
+            names = ", ".join(str(version) for version in versions)
+            raise DataError(
+                f"{path} contains {len(versions)} runs ({names}); pass the folder of one of them"
+            )
     raise DataError(
-        f"{path} contains no {METRICS_FILE} (nor NAME/version_N/{METRICS_FILE}); pass the file "
-        "or the version folder that Lightning's CSVLogger wrote"
+        f"{path} contains no {METRICS_FILE}, neither in version folders (version_N/"
+        f"{METRICS_FILE}) nor in logger folders (NAME/version_N/{METRICS_FILE}); pass the "
+        "metrics file, or the folder that Lightning's CSVLogger wrote"
     )
 
 
@@ -94,8 +101,22 @@ def _require_step_column(table: pd.DataFrame, column: str, path: Path) -> None:
         raise DataError(
             f"{path} has no step column {column!r}; its columns are "
             f"{', '.join(list(table.columns)[:20])}. Pass --map COLUMN=step to name the column "
-            "that counts optimiser steps"
+            f"that counts optimiser steps{separator_hint(list(table.columns))}"
         )
+
+
+def separator_hint(columns: list[str]) -> str:
+    """Return a hint when a one-column header looks split by another separator than commas."""
+    if len(columns) != 1:
+        return ""
+    header = str(columns[0])
+    for separator, name in ((";", "semicolons"), ("\t", "tabs"), ("|", "bars")):
+        if separator in header:
+            return (
+                f". The header was read as one column, and it contains {name}: save the file "
+                "with commas between the columns"
+            )
+    return ""
 
 
 def read_lightning_csv(path: Path, step_column: str | None = None) -> SourceData:
@@ -104,14 +125,14 @@ def read_lightning_csv(path: Path, step_column: str | None = None) -> SourceData
     table = read_text_table(metrics)
     column = step_column or LIGHTNING_STEP
     _require_step_column(table, column, metrics)
-    series, ignored = table_series(table, column, str(metrics))
+    series, ignored, text_cells = table_series(table, column, str(metrics))
     files = [metrics]
     details: dict[str, Any] = {}
     hparams_path = metrics.parent / HPARAMS_FILE
     if hparams_path.is_file():
         files.append(hparams_path)
         details["hparams"] = _read_hparams(hparams_path)
-    return SourceData(LIGHTNING, path, files, series, column, ignored, details)
+    return SourceData(LIGHTNING, path, files, series, column, ignored, details, text_cells)
 
 
 def _read_hparams(path: Path) -> Any:
@@ -157,9 +178,9 @@ def read_wandb_csv(path: Path, step_column: str | None = None) -> SourceData:
         if name in table.columns:
             ignored[name] = reason
     # Chart companions are dropped. Step counters and bookkeeping stay mappable with --map.
-    series, text_columns = table_series(table, column, str(path))
+    series, text_columns, text_cells = table_series(table, column, str(path))
     ignored.update(text_columns)
-    return SourceData(WANDB, path, [path], series, column, ignored)
+    return SourceData(WANDB, path, [path], series, column, ignored, text_cells=text_cells)
 
 
 def _strip_chart_columns(table: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, dict[str, str]]:

@@ -47,7 +47,7 @@ def detect_format(path: Path, step_column: str | None = None) -> str:
     raise DataError(
         f"the format of {path} is not recognised: it is not a TensorBoard event file and, read "
         f"as CSV, has no step column (step, {', '.join(csv_reader.WANDB_STEP_COLUMNS)}); pass "
-        "--format and --map COLUMN=step naming its step column"
+        f"--format and --map COLUMN=step naming its step column{csv_reader.separator_hint(header)}"
     )
 
 

@@ -47,7 +47,10 @@ class ImportedTables:
     """The four tables of an imported run and what the import derived or could not fill.
 
     ``units`` maps each accuracy signal to the unit its source used and the factor applied.
-    ``nonfinite_loss_step`` is the first step whose logged loss is NaN or infinite.
+    ``nonfinite_loss_step`` is the step from which the logged loss stays NaN or infinite to
+    the end of the run, None when the last logged loss is finite. ``transient_nonfinite_steps``
+    are the earlier steps with a non-finite logged loss that finite losses followed, such as
+    fp16 overflow steps that the gradient scaler skipped.
     """
 
     tables: dict[str, pd.DataFrame]
@@ -56,6 +59,7 @@ class ImportedTables:
     units: dict[str, dict[str, Any]] = field(default_factory=dict)
     derived_columns: dict[str, str] = field(default_factory=dict)
     nonfinite_loss_step: int | None = None
+    transient_nonfinite_steps: list[int] = field(default_factory=list)
 
     def row_counts(self) -> dict[str, int]:
         return {table: len(frame) for table, frame in self.tables.items()}
@@ -85,7 +89,9 @@ def build_tables(source: SourceData, mapping: Mapping) -> ImportedTables:
     result.layer_names = sorted({s.layer for s in layer_values}, key=layer_order_key)
     result.tables["layers"] = _layers_table(layer_values, layer_steps, result.layer_names)
     result.missing = _missing(values, result)
-    result.nonfinite_loss_step = _first_nonfinite(values.get(Signal("steps", "loss")))
+    diverged, transient = nonfinite_loss_steps(values.get(Signal("steps", "loss")))
+    result.nonfinite_loss_step = diverged
+    result.transient_nonfinite_steps = transient
     return result
 
 
@@ -138,6 +144,8 @@ def _scale_accuracies(
             unit = "fraction" if not finite.empty and in_unit_range else "percent"
             chosen_by = "values"
         scale = FRACTION_SCALE if unit == "fraction" else 1.0
+        if chosen_by == "values" and unit == "percent":
+            _warn_mixed_units(signal, finite, mapping, where)
         _check_percent(signal, finite * scale, mapping, where)
         if unit == "fraction" and chosen_by == "values":
             column = mapping.columns_of(signal)[0]
@@ -166,6 +174,27 @@ def _scale_accuracies(
         values[signal] = values[signal] * scale
         units[signal.name] = {"unit": unit, "scale": scale, "chosen_by": chosen_by}
     return units
+
+
+def _warn_mixed_units(signal: Signal, finite: pd.Series, mapping: Mapping, where: str) -> None:
+    """Warn when an accuracy read as percent also has values in (0, 1], as fractions would.
+
+    A run's accuracy can stay below 1 % for a while, so this is a warning, not an error.
+    """
+    small = int(((finite > 0) & (finite <= 1)).sum())
+    if not small:
+        return
+    column = mapping.columns_of(signal)[0]
+    log.warning(
+        "%s: %s from %s is read as percent because it exceeds 1, but %d of its %d values lie "
+        "in (0, 1]; if part of the run logged it as a fraction, the unit changed and those "
+        "values are 100 times too small",
+        where,
+        signal.name,
+        column,
+        small,
+        len(finite),
+    )
 
 
 def _check_percent(signal: Signal, percent: pd.Series, mapping: Mapping, where: str) -> None:
@@ -233,8 +262,25 @@ def _missing(values: dict[Signal, pd.Series], result: ImportedTables) -> list[st
     return missing
 
 
-def _first_nonfinite(loss: pd.Series | None) -> int | None:
-    if loss is None:
-        return None
-    bad = loss.index[~np.isfinite(loss.to_numpy(dtype="float64"))]
-    return int(bad.min()) if len(bad) else None
+def nonfinite_loss_steps(loss: pd.Series | None) -> tuple[int | None, list[int]]:
+    """Split the steps of non-finite logged losses into a divergence and one-off values.
+
+    ``loss`` contains the logged values by step. A run diverged when its last logged loss is
+    NaN or infinite: the first item is the first step of that final non-finite stretch, and
+    None when the last logged loss is finite. The second item lists the other steps with a
+    non-finite loss, each followed by a finite one, so the run went on training after them.
+    """
+    if loss is None or loss.empty:
+        return None, []
+    ordered = loss.sort_index(kind="stable")
+    finite = np.isfinite(ordered.to_numpy(dtype="float64"))
+    steps = ordered.index.to_numpy(dtype="int64")
+    bad = np.flatnonzero(~finite)
+    if not len(bad):
+        return None, []
+    if finite[-1]:
+        return None, [int(step) for step in steps[bad]]
+    good = np.flatnonzero(finite)
+    start = int(good[-1]) + 1 if len(good) else 0
+    transient = [int(steps[index]) for index in bad if index < start]
+    return int(steps[start]), transient

@@ -88,6 +88,11 @@ def _single_run(module: Any, path: Path, target: Path | None) -> tuple[Path, Any
     loaded = [(folder, _load(module, target or folder)) for folder in folders]
     with_scalars = [(folder, found) for folder, found in loaded if _scalar_tags(module, found)]
     if not with_scalars:
+        if not any(_has_events(found) for _, found in loaded):
+            raise DataError(
+                f"no event could be read from the event files in {path}, so they are damaged "
+                "or are not TensorBoard event files; pass the event files that the run wrote"
+            )
         raise DataError(f"the event files in {path} contain no scalars")
     if len(with_scalars) > 1:
         names = ", ".join(str(folder) for folder, _ in with_scalars)
@@ -96,6 +101,15 @@ def _single_run(module: Any, path: Path, target: Path | None) -> tuple[Path, Any
             "of those folders"
         )
     return with_scalars[0]
+
+
+def _has_events(accumulator: Any) -> bool:
+    """Tell whether the accumulator read any event, which every valid event file starts with."""
+    try:
+        accumulator.FirstEventTimestamp()
+    except ValueError:  # raised when no event was read
+        return False
+    return True
 
 
 def _load(module: Any, path: Path) -> Any:

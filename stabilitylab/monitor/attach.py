@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -38,13 +40,21 @@ import torch
 from torch import nn
 
 from probes.knn import KnnResult
+from stabilitylab.config import MODELS
 from stabilitylab.errors import ConfigError, TrainingError
+from stabilitylab.monitor.config_json import json_config
 from stabilitylab.monitor.grouping import GroupSpec, LayerGrouping, group_model, unwrap_model
 from stabilitylab.monitor.knn_eval import FeatureFn, KnnEvaluation, KnnRow, evaluate_knn_row
 from stabilitylab.monitor.recorder import HostStep, MetricsRecorder
 from stabilitylab.monitor.signals import TrainingMonitor
 from stabilitylab.monitor.snapshot import FrozenSnapshot, patch_embed_frozen
-from stabilitylab.runs import FROZEN_CHECK_FILE, RunWriter, prepare_run_dir
+from stabilitylab.runs import (
+    DIVERGED_REASONS,
+    FROZEN_CHECK_FILE,
+    SIGNAL_NAMES,
+    RunWriter,
+    prepare_run_dir,
+)
 from stabilitylab.train.environment import describe_environment
 from stabilitylab.train.precision import scale_tensor
 
@@ -63,10 +73,11 @@ class Monitor:
     :meth:`close` at the end, or use the monitor as a context manager, which also records a
     failure. See ``docs/instrument.md`` for every option.
 
-    ``config`` is any JSON-serialisable mapping that describes the run; it is stored in
-    ``config.json`` with ``source: "monitor"`` and, for a model with a ``patch_embed``
-    group, ``freeze_patch_embed``. ``groups`` and ``first_block`` override the automatic
-    grouping of :func:`~stabilitylab.monitor.grouping.group_model`.
+    ``config`` is a mapping of JSON values that describes the run. numpy scalars and
+    one-element tensors in it are converted (see :mod:`stabilitylab.monitor.config_json`).
+    It is stored in ``config.json`` with ``source: "monitor"`` and, for a model with a
+    ``patch_embed`` group, ``freeze_patch_embed``. ``groups`` and ``first_block`` override
+    the automatic grouping of :func:`~stabilitylab.monitor.grouping.group_model`.
     """
 
     def __init__(
@@ -109,11 +120,13 @@ class Monitor:
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = total_steps
         self.knn = _knn_evaluation(knn)
-        self.grouping = group_model(self.model, groups, first_block)
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        self.grouping = group_model(self.model, groups, first_block, owned)
         self.device = self.grouping.groups[0][1][0][1].device
         _check_optimizer_covers_model(optimizer, self.grouping)
         freeze = patch_embed_frozen(self.grouping)
         run_config = _run_config(config, freeze)
+        self._config_model = run_config.get("model")
         self.frozen = FrozenSnapshot(self.grouping.parameters_of("patch_embed") if freeze else [])
 
         # The step-0 evaluation runs before the folder exists, so a broken feature_fn or
@@ -125,6 +138,7 @@ class Monitor:
         self._last_eval_step: int | None = None
         first_eval = self._knn_row(self.knn) if self.knn is not None else None
 
+        existed = Path(out).exists()
         self.path = prepare_run_dir(
             Path(out), overwrite=overwrite, out_option="out", overwrite_option="overwrite=True"
         )
@@ -141,11 +155,15 @@ class Monitor:
             )
         except BaseException:
             self.signals.close()  # leave no hook on the model of a monitor that never started
+            _remove_partial_run_dir(self.path, existed)
             raise
         self._start = time.perf_counter()
         self._loss: torch.Tensor | None = None
         self._backwards = 0
         self._backward_counts: Counter[int] = Counter()
+        # Backward passes of each step since the last flush, to uncount the steps that a
+        # non-finite loss drops from the tables.
+        self._unflushed_backwards: dict[int, int] = {}
         self._accumulation_mismatches = 0
         self._pending: HostStep | None = None
         self._stepped = False
@@ -169,6 +187,40 @@ class Monitor:
             self.grouping.kind,
             self.grouping.first_block_name,
         )
+        self._log_wrapped_vit()
+        self._warn_missing_layer_signals()
+
+    def _log_wrapped_vit(self) -> None:
+        vit = self.grouping.vit
+        if vit is None or vit.path == "":
+            return
+        log.info(
+            "%s: grouped the ViT at %s as patch_embed, cls_token, blocks.NN and norm (%s)%s",
+            self.path,
+            vit.path,
+            vit.reason,
+            f"; left out, as nothing trains them: {', '.join(self.grouping.left_out)}"
+            if self.grouping.left_out
+            else "",
+        )
+
+    def _warn_missing_layer_signals(self) -> None:
+        """Log when the report will lack the first-layer signal or the last block."""
+        grouping = self.grouping
+        if grouping.first_block is None and "patch_embed" not in grouping.names:
+            log.warning(
+                "%s: the model has no patch_embed group and no first block, so token_grad_norm "
+                "is NaN and the report has no first-layer signal; pass first_block= the module "
+                "whose input gradient to record",
+                self.path,
+            )
+        if grouping.last_block is None:
+            log.info(
+                "%s: no layer group is a transformer block (blocks.NN), so the report measures "
+                "no lag from the first layer to the last block; pass groups= to name the "
+                "blocks",
+                self.path,
+            )
 
     # -- the user's calls --------------------------------------------------------------------
 
@@ -194,8 +246,7 @@ class Monitor:
             )
         if self.failed:
             return
-        if not isinstance(loss, torch.Tensor):
-            loss = torch.tensor(float(loss))
+        loss = _loss_tensor(loss)
         if loss.numel() != 1:
             raise ConfigError(
                 f"after_backward got a loss of shape {tuple(loss.shape)}; pass the scalar loss "
@@ -235,8 +286,9 @@ class Monitor:
         if result is None:
             return
         if result.first_nonfinite is not None:
-            self._stop_at_nonfinite(result.first_nonfinite)
+            self._stop_at_nonfinite(result.first_nonfinite, result.nonfinite_signal or "loss")
             return
+        self._unflushed_backwards.clear()
         self._write_running()
 
     def close(self) -> None:
@@ -299,6 +351,13 @@ class Monitor:
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.failed or self.closed:
             return
+        if self._loss is None and _has_closure(args, kwargs):
+            # The pre-hook runs before step() calls the closure that computes the loss.
+            raise TrainingError(
+                f"{type(optimizer).__name__}.step(closure) computes the loss inside step(), "
+                "after the monitor measures the gradients; the monitor does not support "
+                "closure optimizers such as LBFGS, so drop the Monitor for this loop"
+            )
         if getattr(optimizer, "grad_scale", None) is not None:
             # A fused optimizer gets the scale from scaler.step and unscales inside its step.
             raise ConfigError(
@@ -314,15 +373,22 @@ class Monitor:
         self.signals.record_updates()
         self._commit()
 
-    def _begin_step(self) -> None:
-        """Record the gradients and copy the weights of the step about to be taken."""
+    def _begin_step(self, overflow: bool = False) -> None:
+        """Record the gradients and copy the weights of the step about to be taken.
+
+        ``overflow`` is True for a step that the gradient scaler skipped.
+        """
         if self._loss is None:
             raise TrainingError(
                 "optimizer.step() ran without monitor.after_backward(loss) since the previous "
                 "step; call monitor.after_backward(loss) after every loss.backward()"
             )
         self._check_accumulation()
-        self.signals.record_gradients(self._loss, self._loss_scale())
+        # A step that the scaler skipped changed no weight, so a non-finite loss on it is a
+        # skipped step like a non-finite gradient, not a divergence.
+        self.signals.record_gradients(
+            self._loss, self._loss_scale(), overflow=overflow, skip_nonfinite=overflow
+        )
         self.signals.snapshot_weights()
         self._pending = self._host_step()
         self._loss = None
@@ -355,7 +421,7 @@ class Monitor:
             # gradients are unscaled, so the row shows their non-finite norms, which the spike
             # detectors ignore, and an update ratio of 0.
             skipped = self.step
-            self._begin_step()
+            self._begin_step(overflow=True)
             self.signals.record_updates()
             self._commit()
             self.skipped_steps.append(skipped)
@@ -389,6 +455,7 @@ class Monitor:
 
     def _check_accumulation(self) -> None:
         self._backward_counts[self._backwards] += 1
+        self._unflushed_backwards[self.step] = self._backwards
         expected = self.accumulation_steps
         if expected is None or self._backwards == expected:
             return
@@ -429,22 +496,42 @@ class Monitor:
         return row.result
 
     def _keep_eval(self, row: KnnRow) -> None:
+        if not self.evals:
+            _check_model_width(self._config_model, row.feature_dim)
         self.writer.append("evals", row.frame)
         self.evals.append(row.result)
         self._last_eval_step = int(row.frame["step"].iloc[0])
 
-    def _stop_at_nonfinite(self, bad: HostStep) -> None:
+    def _stop_at_nonfinite(self, bad: HostStep, signal: str) -> None:
         self.failed = True
+        self._forget_steps_after(bad.step)
         self.writer.write_status(
-            "failed", step=bad.step, reason="non-finite loss", **self._status_fields()
+            "failed",
+            step=bad.step,
+            reason=DIVERGED_REASONS[signal],
+            diverged={"step": bad.step, "signal": signal, "lr": bad.lr},
+            **self._status_fields(),
         )
         log.error(
-            "%s: the loss became non-finite at step %d (lr %.3g); the tables end there and "
+            "%s: the %s became non-finite at step %d (lr %.3g); the tables end there and "
             "the monitor records no further steps",
             self.path,
+            SIGNAL_NAMES[signal],
             bad.step,
             bad.lr,
         )
+
+    def _forget_steps_after(self, last: int) -> None:
+        """Uncount the steps after ``last``, which the tables leave out, in status.json."""
+        for step, backwards in self._unflushed_backwards.items():
+            if step <= last:
+                continue
+            self._backward_counts[backwards] -= 1
+            if self.accumulation_steps is not None and backwards != self.accumulation_steps:
+                self._accumulation_mismatches -= 1
+        self._backward_counts = +self._backward_counts  # drops the counts that reached 0
+        self._unflushed_backwards.clear()
+        self.skipped_steps = [step for step in self.skipped_steps if step <= last]
 
     def _finish(self) -> None:
         passed = None
@@ -492,6 +579,8 @@ class Monitor:
             "last_block": grouping.last_block,
             "first_block": grouping.first_block_name,
             "grouping": grouping.kind,
+            "vit": grouping.vit.to_dict() if grouping.vit is not None else None,
+            "left_out": grouping.left_out,
             "group_parameters": {
                 name: [parameter_name for parameter_name, _ in members]
                 for name, members in grouping.groups
@@ -551,13 +640,25 @@ def _knn_evaluation(knn: KnnEvaluation | Mapping[str, Any] | None) -> KnnEvaluat
 def _check_optimizer_covers_model(
     optimizer: torch.optim.Optimizer, grouping: LayerGrouping
 ) -> None:
-    """Raise ConfigError when the optimizer trains none of the monitored parameters."""
-    monitored = {id(parameter) for _, members in grouping.groups for _, parameter in members}
+    """Raise ConfigError when nothing monitored trains; warn when the two sets differ.
+
+    Raises when the optimizer owns none of the monitored parameters or when every monitored
+    parameter is frozen. Warns about parameters that the optimizer owns outside the model,
+    and about trainable parameters of the model that the optimizer does not own.
+    """
+    members = [(name, parameter) for _, group in grouping.groups for name, parameter in group]
+    monitored = {id(parameter) for _, parameter in members}
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
     if not monitored & optimized:
         raise ConfigError(
             "the optimizer contains none of the model's parameters; pass the optimizer that "
             "trains this model"
+        )
+    if not any(parameter.requires_grad for _, parameter in members):
+        raise ConfigError(
+            f"every parameter of the model ({len(members)}) is frozen (requires_grad=False), "
+            "so no step can change it; unfreeze the parameters to train before creating the "
+            "Monitor"
         )
     outside = len(optimized - monitored)
     if outside:
@@ -566,6 +667,57 @@ def _check_optimizer_covers_model(
             "and updates are not recorded",
             outside,
         )
+    untrained = [
+        name
+        for name, parameter in members
+        if parameter.requires_grad and id(parameter) not in optimized
+    ]
+    if untrained:
+        log.warning(
+            "%d trainable parameters of the model, such as %s, are not in the optimizer, so "
+            "their gradients are recorded but no step updates them (update_ratio 0); pass "
+            "them to the optimizer or set requires_grad=False",
+            len(untrained),
+            untrained[0],
+        )
+
+
+def _loss_tensor(loss: Any) -> torch.Tensor:
+    """Return ``loss`` as a tensor: a tensor as it is, a real number as a 0-dim tensor."""
+    if isinstance(loss, torch.Tensor):
+        return loss
+    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+        return torch.tensor(float(loss))
+    raise ConfigError(
+        f"after_backward got a {type(loss).__name__} ({loss!r}) as the loss; pass the scalar "
+        "loss tensor that backward() was called on, or its float value"
+    )
+
+
+def _has_closure(args: Any, kwargs: Any) -> bool:
+    """Tell whether an ``optimizer.step`` call passed a closure.
+
+    The step hooks get the call's positional arguments with the optimizer itself first.
+    """
+    if isinstance(kwargs, Mapping) and callable(kwargs.get("closure")):
+        return True
+    return any(callable(value) for value in args or ())
+
+
+def _remove_partial_run_dir(path: Path, existed: bool) -> None:
+    """Remove what a monitor that failed to start wrote into ``path``.
+
+    ``path`` was new, empty, or a run directory that ``overwrite=True`` had emptied, so
+    everything in it was written by this monitor. A folder that existed stays, empty.
+    """
+    if not existed:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for entry in path.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def _run_config(config: Mapping[str, Any] | None, freeze: bool | None) -> dict[str, Any]:
@@ -574,10 +726,7 @@ def _run_config(config: Mapping[str, Any] | None, freeze: bool | None) -> dict[s
         raise ConfigError(
             f"config is a {type(config).__name__}; pass a dict of the run's settings or None"
         )
-    payload = dict(config or {})
-    keys = [key for key in payload if not isinstance(key, str)]
-    if keys:
-        raise ConfigError(f"config key {keys[0]!r} is not a str; config.json needs str keys")
+    payload = json_config(config or {})
     if payload.get("source", SOURCE) != SOURCE:
         raise ConfigError(
             f"config key 'source' ({payload['source']!r}) is reserved: config.json records "
@@ -594,6 +743,24 @@ def _run_config(config: Mapping[str, Any] | None, freeze: bool | None) -> dict[s
     if freeze is not None:
         payload["freeze_patch_embed"] = freeze
     return payload
+
+
+def _check_model_width(model_name: Any, feature_dim: int) -> None:
+    """Warn when ``config["model"]`` names a stabilitylab model of another feature width.
+
+    The report's collapse and low-rank flags take the feature width from that name.
+    """
+    spec = MODELS.get(model_name) if isinstance(model_name, str) else None
+    if spec is None or spec.embed_dim == feature_dim:
+        return
+    log.warning(
+        "config model %r names a stabilitylab model with %d-wide features, but feature_fn "
+        "gives %d; the report sets its collapse threshold from the named model, so rename "
+        "the config key or correct it",
+        model_name,
+        spec.embed_dim,
+        feature_dim,
+    )
 
 
 def _optimizer_momentum(group: Mapping[str, Any]) -> float:

@@ -1,10 +1,15 @@
 """Layer groups and the first block of any PyTorch model, for :class:`stabilitylab.Monitor`.
 
-Automatic grouping recognises three kinds of model:
+Automatic grouping recognises these kinds of model:
 
 - a timm ``VisionTransformer``: the names of ``stabilitylab run`` (``patch_embed``,
   ``cls_token``, ``pos_embed``, ``blocks.00`` ..., ``norm``), with any other top-level child,
   such as the classifier ``head``, as a group of its own;
+- a model that contains a timm ViT at any depth, such as a MoCo, BYOL or DINO module: the ViT's
+  parameters get the same unprefixed names, and every other parameter goes to the group of
+  the wrapper's child that contains it (``projector``, ``predictor``). A child with no trainable
+  parameter and none in the optimiser, such as a momentum encoder, is left out. Among several
+  ViTs, :func:`~stabilitylab.monitor.wrapped.find_vit` picks the one the optimiser trains;
 - a torchvision or timm ``ResNet``: ``stem`` (``conv1`` and ``bn1``), ``layer1`` ...
   ``layer4`` and ``fc``;
 - any other model: one group per top-level child, except that the shallowest ``blocks``,
@@ -16,19 +21,22 @@ the automatic grouping. Every trainable parameter must land in exactly one group
 parameter that a mapping or callable leaves out is not recorded.
 
 The first block is the module whose input gradient becomes ``token_grad_norm``: ``blocks[0]``
-of a ViT or of the split sequence, ``layer1`` of a ResNet, and None when there is none.
+of the ViT or of the split sequence, ``layer1`` of a ResNet, and None when there is none.
+``DataParallel``, ``DistributedDataParallel`` and ``torch.compile`` wrappers are removed
+first (:func:`unwrap_model`).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from stabilitylab.errors import ConfigError
 from stabilitylab.models.layers import FIRST_LAYER, group_of_backbone_parameter
+from stabilitylab.monitor.wrapped import VitChoice, find_vit, outer_group_name
 
 ParameterGroups = list[tuple[str, list[tuple[str, nn.Parameter]]]]
 GroupSpec = Mapping[str, Sequence[str]] | Callable[[str], "str | None"] | None
@@ -45,14 +53,19 @@ _BLOCK_GROUP = re.compile(r"^blocks\.(\d+)$")
 class LayerGrouping:
     """Named parameter groups in flow order, and the first block for the token gradient.
 
-    ``kind`` is how the groups were made: ``vit``, ``resnet``, ``generic``, ``mapping`` or
-    ``callable``. ``first_block_name`` is the first block's module path, or None.
+    ``kind`` is how the groups were made: ``vit`` (the model is a ViT or contains one),
+    ``resnet``, ``generic``, ``mapping`` or ``callable``. ``first_block_name`` is the first
+    block's module path, or None. ``vit`` is the ViT found in the model, also for a mapping
+    or callable, and None without one. ``left_out`` lists the wrapper's children that the
+    automatic grouping leaves out because nothing trains them.
     """
 
     groups: ParameterGroups
     kind: str
     first_block: nn.Module | None
     first_block_name: str | None
+    vit: VitChoice | None = None
+    left_out: list[str] = field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
@@ -77,23 +90,47 @@ class LayerGrouping:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Return the module inside a ``DataParallel`` or ``DistributedDataParallel`` wrapper."""
-    if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
-        return model.module
-    return model
+    """Return the module inside ``DataParallel``, ``DistributedDataParallel`` and
+    ``torch.compile`` wrappers, however they are nested.
+
+    ``torch.compile`` returns an ``OptimizedModule`` that keeps the model as ``_orig_mod``
+    and shares its parameters, so the optimiser's parameters are the inner model's.
+    """
+    while True:
+        if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif _is_compiled(model):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    # Compared by name, because importing torch._dynamo to check the class takes seconds.
+    inner = getattr(model, "_orig_mod", None)
+    return type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module)
 
 
 def group_model(
-    model: nn.Module, groups: GroupSpec = None, first_block: nn.Module | str | None = "auto"
+    model: nn.Module,
+    groups: GroupSpec = None,
+    first_block: nn.Module | str | None = "auto",
+    owned: set[int] | None = None,
 ) -> LayerGrouping:
     """Group the parameters of ``model`` and find its first block.
 
     ``groups`` is None for the automatic grouping, a mapping or a callable. ``first_block``
     is ``"auto"`` to find the first block from the model's structure, a module of the model,
-    or None for no token gradient. Raises ConfigError naming an unmatched parameter.
+    or None for no token gradient. ``owned`` contains the ``id`` of each parameter that the
+    optimiser owns: it picks the ViT among several and keeps a child that the optimiser
+    trains in the groups. Raises ConfigError naming an unmatched parameter.
     """
+    # The ViT sets the automatic groups and the automatic first block, so it is not looked
+    # for when the caller gives both.
+    vit = find_vit(model, owned) if groups is None or first_block == "auto" else None
+    left_out: list[str] = []
     if groups is None:
-        kind, grouped = _automatic_groups(model)
+        kind, grouped, left_out = _automatic_groups(model, vit, owned)
     elif isinstance(groups, Mapping):
         kind, grouped = "mapping", _mapping_groups(model, groups)
     elif callable(groups):
@@ -108,26 +145,82 @@ def group_model(
             f"{type(model).__name__} has no parameters, so there is nothing to monitor; pass "
             "the model that the optimizer trains"
         )
-    block, block_name = _resolve_first_block(model, first_block)
-    return LayerGrouping(grouped, kind, block, block_name)
+    block, block_name = _resolve_first_block(model, first_block, vit)
+    return LayerGrouping(grouped, kind, block, block_name, vit, left_out)
 
 
 # -- automatic grouping -------------------------------------------------------------------
 
 
-def _automatic_groups(model: nn.Module) -> tuple[str, ParameterGroups]:
-    if _is_vit(model):
-        return "vit", _collect(model, _vit_group)
+def _automatic_groups(
+    model: nn.Module, vit: VitChoice | None, owned: set[int] | None
+) -> tuple[str, ParameterGroups, list[str]]:
+    if vit is not None and vit.path == "":
+        return "vit", _collect(model, _vit_group), []
+    if vit is not None:
+        grouped, left_out = _wrapped_vit_groups(model, vit.path, owned)
+        return "vit", grouped, left_out
     if _is_resnet(model):
-        return "resnet", _collect(model, _resnet_group)
+        return "resnet", _collect(model, _resnet_group), []
     sequence = find_block_sequence(model)
-    return "generic", _collect(model, lambda name: _generic_group(name, sequence))
+    return "generic", _collect(model, lambda name: _generic_group(name, sequence)), []
 
 
-def _is_vit(model: nn.Module) -> bool:
-    from timm.models.vision_transformer import VisionTransformer
+def _wrapped_vit_groups(
+    model: nn.Module, vit_path: str, owned: set[int] | None
+) -> tuple[ParameterGroups, list[str]]:
+    """Group a wrapper's parameters: the ViT's as a ViT, the others by the child containing them.
 
-    return isinstance(model, VisionTransformer)
+    Returns the groups in flow order (the ViT's, then the others in registration order) and
+    the groups left out because none of their parameters is trainable or in the optimiser.
+    """
+    prefix = f"{vit_path}."
+    inner: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    outer: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    for name, parameter in model.named_parameters():
+        if name.startswith(prefix):
+            inner.setdefault(_vit_group(name[len(prefix) :]), []).append((name, parameter))
+        else:
+            outer.setdefault(outer_group_name(name, vit_path), []).append((name, parameter))
+    left_out = [
+        group
+        for group, members in outer.items()
+        if not any(_is_trained(parameter, owned) for _, parameter in members)
+    ]
+    outer = {group: members for group, members in outer.items() if group not in left_out}
+    inner = _rename_clashing_extras(inner, set(outer), vit_path)
+    ordered = [(group, inner[group]) for group in _flow_order(list(inner))]
+    return ordered + list(outer.items()), left_out
+
+
+def _is_trained(parameter: nn.Parameter, owned: set[int] | None) -> bool:
+    return parameter.requires_grad or (owned is not None and id(parameter) in owned)
+
+
+def _rename_clashing_extras(
+    inner: dict[str, list[tuple[str, nn.Parameter]]], outer: set[str], vit_path: str
+) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Prefix the ViT's extra groups (its ``head``) that share a name with a wrapper child.
+
+    A wrapper child named like a ViT layer group (``norm``, ``patch_embed``) raises
+    ConfigError, because the report reads those names as the ViT's.
+    """
+    renamed = {}
+    for group, members in inner.items():
+        if group not in outer:
+            renamed[group] = members
+        elif _is_vit_layer(group):
+            raise ConfigError(
+                f"the model has a child {group!r} outside its ViT ({vit_path}), and "
+                f"{group!r} is also a layer group of the ViT; pass groups= to name the groups"
+            )
+        else:
+            renamed[f"{vit_path}.{group}"] = members
+    return renamed
+
+
+def _is_vit_layer(group: str) -> bool:
+    return group in _VIT_FRONT or group == "norm" or bool(_BLOCK_GROUP.match(group))
 
 
 def _is_resnet(model: nn.Module) -> bool:
@@ -264,7 +357,13 @@ def _longest_prefix_group(name: str, prefixes: dict[str, str]) -> str | None:
 def _callable_groups(model: nn.Module, group_of: Callable[[str], str | None]) -> ParameterGroups:
     grouped: dict[str, list[tuple[str, nn.Parameter]]] = {}
     for name, parameter in model.named_parameters():
-        group = group_of(name)
+        try:
+            group = group_of(name)
+        except Exception as error:  # the user's function may raise anything
+            raise ConfigError(
+                f"the groups function raised {type(error).__name__}: {error} for parameter "
+                f"{name!r}; make it return a group name, or None for a frozen parameter"
+            ) from error
         if group is None:
             if parameter.requires_grad:
                 raise ConfigError(
@@ -285,7 +384,7 @@ def _callable_groups(model: nn.Module, group_of: Callable[[str], str | None]) ->
 
 
 def _resolve_first_block(
-    model: nn.Module, first_block: nn.Module | str | None
+    model: nn.Module, first_block: nn.Module | str | None, vit: VitChoice | None
 ) -> tuple[nn.Module | None, str | None]:
     if first_block is None:
         return None, None
@@ -301,16 +400,19 @@ def _resolve_first_block(
         raise ConfigError(
             f"first_block={first_block!r} is not valid; pass 'auto', a submodule or None"
         )
-    path = _automatic_first_block(model)
+    path = _automatic_first_block(model, vit)
     if path is None:
         return None, None
     return model.get_submodule(path), path
 
 
-def _automatic_first_block(model: nn.Module) -> str | None:
-    if _is_resnet(model):
+def _automatic_first_block(model: nn.Module, vit: VitChoice | None) -> str | None:
+    if vit is not None:
+        sequence = f"{vit.path}.blocks" if vit.path else "blocks"
+    elif _is_resnet(model):
         return "layer1"
-    sequence = "blocks" if _is_vit(model) else find_block_sequence(model)
+    else:
+        sequence = find_block_sequence(model)
     if sequence is None:
         return None
     first = next(model.get_submodule(sequence).named_children(), None)

@@ -122,10 +122,11 @@ def encode_batches(
 
 @dataclass(frozen=True)
 class KnnRow:
-    """One kNN evaluation: the result and its row of the ``evals`` table."""
+    """One kNN evaluation: the result, its row of the ``evals`` table and the feature width."""
 
     result: KnnResult
     frame: pd.DataFrame
+    feature_dim: int
 
 
 def evaluate_knn_row(
@@ -150,6 +151,11 @@ def evaluate_knn_row(
     with eval_mode(model):
         bank_features, bank_labels = encode_batches(feature_fn, bank, device, "bank")
         queries, query_labels = encode_batches(feature_fn, query, device, "query set")
+    if bank_features.shape[0] < k:
+        raise ConfigError(
+            f"knn k={k} is more than the {bank_features.shape[0]} images of the kNN bank; pass "
+            f"k={bank_features.shape[0]} or less, or a larger bank"
+        )
     if bank_features.shape[1] != queries.shape[1]:
         raise DataError(
             f"feature_fn gave {bank_features.shape[1]} channels for the bank and "
@@ -168,7 +174,7 @@ def evaluate_knn_row(
     )
     standard_error = bootstrap_accuracy_se(result.correct, seed=step)
     frame = evals_row(result, queries, step, epoch, standard_error, started)
-    return KnnRow(result=result, frame=frame)
+    return KnnRow(result=result, frame=frame, feature_dim=int(queries.shape[1]))
 
 
 def evals_row(
@@ -182,8 +188,11 @@ def evals_row(
     """Return the ``evals`` row of one kNN evaluation that began at ``started``.
 
     ``queries`` are the L2-normalised query features, from which the collapse signals are
-    taken; ``started`` is a :func:`time.perf_counter` value.
+    taken; ``started`` is a :func:`time.perf_counter` value. Non-finite features, from a
+    model broken while its steps were skipped, get a NaN effective rank, because the SVD
+    behind it fails on them.
     """
+    finite = bool(torch.isfinite(queries).all())
     return pd.DataFrame(
         {
             "step": [step],
@@ -193,7 +202,7 @@ def evals_row(
             "knn_top1_se": [standard_error],
             "knn_correct": [pack_hits(result.correct)],
             "feature_std": [embedding_std(queries)],
-            "effective_rank": [effective_rank(queries)],
+            "effective_rank": [effective_rank(queries) if finite else math.nan],
             "n_bank": [result.n_bank],
             "n_query": [result.n_query],
             "eval_seconds": [time.perf_counter() - started],

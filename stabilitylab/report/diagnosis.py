@@ -24,9 +24,12 @@ from stabilitylab.report.summary import (
     final_top1,
     format_number,
     group_pairs,
+    has_first_layer_signal,
     pairing_key,
 )
 from stabilitylab.runs import Run
+
+NO_BLOCKS = "no transformer blocks (blocks.NN) in this run's layer groups"
 
 VERDICT_NOTE = (
     "diverged: the loss became non-finite. partial failure: a dip never recovered, the final "
@@ -117,13 +120,34 @@ def attribution_table(events: RunEvents) -> Table:
     return Table(columns=columns, rows=rows, caption="Gradient spikes before each dip", note=note)
 
 
-def lag_table(events: Sequence[RunEvents], labels: Sequence[str]) -> Table:
-    """Build the table of first-layer-to-later-layer lags, the last block first per run."""
+def missing_lag_reason(run: Run, run_events: RunEvents) -> str | None:
+    """Return why ``run`` has no first-layer to last-block lag, or None when it can have one."""
+    reasons = []
+    if run_events.last_layer is None:
+        reasons.append(NO_BLOCKS)
+    if not has_first_layer_signal(run):
+        reasons.append(
+            f"its first-layer signal ({run_events.first_layer}) has no finite positive value"
+        )
+    return "; ".join(reasons) or None
+
+
+def lag_table(
+    events: Sequence[RunEvents], labels: Sequence[str], runs: Sequence[Run] | None = None
+) -> Table:
+    """Build the table of first-layer-to-later-layer lags, the last block first per run.
+
+    With ``runs``, the note says why a run has no lag to its last block.
+    """
     rows = []
-    for run_events, label in zip(events, labels, strict=True):
+    gaps = []
+    for index, (run_events, label) in enumerate(zip(events, labels, strict=True)):
         stats = [run_events.lag] if run_events.lag is not None else []
         for lag in [*stats, *run_events.head_lags]:
             rows.append((label, *_lag_cells(lag)))
+        reason = missing_lag_reason(runs[index], run_events) if runs is not None else None
+        if reason is not None:
+            gaps.append(f"{label} has no first-layer to last-block lag: {reason}.")
     columns = (
         "run",
         "from",
@@ -147,7 +171,7 @@ def lag_table(events: Sequence[RunEvents], labels: Sequence[str]) -> Table:
         columns=columns,
         rows=tuple(rows),
         caption="First-layer to last-layer lag, in steps",
-        note=note,
+        note=" ".join([note, *gaps]),
     )
 
 

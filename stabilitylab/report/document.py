@@ -25,6 +25,7 @@ from stabilitylab.report.summary import (
     spikes_table,
     summary_table,
 )
+from stabilitylab.report.training import training_events_table
 from stabilitylab.runs import Run
 
 # Maximum rows of a run's spike table. events.json always lists every event.
@@ -58,7 +59,10 @@ def build_report_content(
     sections = [
         _runs_section(runs, labels),
         Section("Summary", [summary_table(runs, events, labels), SUMMARY_NOTE]),
-        Section("Diagnosis", [verdict_table(runs, events, labels), lag_table(events, labels)]),
+        Section(
+            "Diagnosis",
+            [verdict_table(runs, events, labels), lag_table(events, labels, runs)],
+        ),
     ]
     comparison = seed_comparison_table(runs, labels)
     if comparison is not None:
@@ -106,6 +110,9 @@ def _runs_section(runs: Sequence[Run], labels: Sequence[str]) -> Section:
 
 def _events_section(run_events: RunEvents, label: str, dense_monitor: bool = False) -> Section:
     section = Section(f"Events: {label}")
+    training = training_events_table(run_events)
+    if training is not None:
+        section.blocks.append(training)
     if run_events.dips:
         section.blocks.append(dips_table(run_events))
         section.blocks.append(attribution_table(run_events))

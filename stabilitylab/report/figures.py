@@ -257,6 +257,17 @@ def plot_first_last_grad(
                     last_color,
                     f"last layer: {plain_text(str(last.name))}",
                 )
+            else:
+                ax.text(
+                    0.01,
+                    0.97,
+                    "no blocks.NN layer group, so no last layer",
+                    ha="left",
+                    va="top",
+                    transform=ax.transAxes,
+                    color="grey",
+                    fontsize="small",
+                )
             ax.set_title(plain_text(label), fontsize="medium")
             if plotted:
                 ax.set_yscale("log")

@@ -16,7 +16,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stabilitylab.detect import GRAD_NORM, LOSS, DetectorParams, RunEvents, SpikeEvent
+from stabilitylab.detect import (
+    GRAD_NORM,
+    LOSS,
+    DetectorParams,
+    RunEvents,
+    SpikeEvent,
+    clean_series,
+    select_first_layer,
+)
 from stabilitylab.report.content import Table
 from stabilitylab.runs import Run
 
@@ -169,11 +177,26 @@ def deepest_dip_text(events: RunEvents) -> str:
     return text if deepest.recovered else f"{text}, not recovered"
 
 
+def has_first_layer_signal(run: Run) -> bool:
+    """Tell whether the run's first-layer signal has a finite, positive value.
+
+    A model without a patch projection or an identifiable first block (an MLP) records
+    ``token_grad_norm`` as NaN, so it has no first-layer signal at all.
+    """
+    return not clean_series(select_first_layer(run)[1]).empty
+
+
+def first_layer_spikes_text(run: Run, run_events: RunEvents) -> str:
+    """Return the first-layer spike count with its series, or n/a without a signal."""
+    if not has_first_layer_signal(run):
+        return f"{MISSING} (no first-layer signal)"
+    return f"{len(run_events.spikes_on(run_events.first_layer))} ({run_events.first_layer})"
+
+
 def summary_table(runs: Sequence[Run], events: Sequence[RunEvents], labels: Sequence[str]) -> Table:
     """Build the one-row-per-run summary table."""
     rows = []
     for run, run_events, label in zip(runs, events, labels, strict=True):
-        first_layer_spikes = len(run_events.spikes_on(run_events.first_layer))
         rows.append(
             (
                 label,
@@ -185,7 +208,7 @@ def summary_table(runs: Sequence[Run], events: Sequence[RunEvents], labels: Sequ
                 str(len(run_events.dips)),
                 deepest_dip_text(run_events),
                 str(len(run_events.spikes_on(GRAD_NORM))),
-                f"{first_layer_spikes} ({run_events.first_layer})",
+                first_layer_spikes_text(run, run_events),
                 str(len(run_events.spikes_on(LOSS))),
                 frozen_check_text(run),
             )

@@ -46,7 +46,7 @@ from stabilitylab.report.content import FigureImage, Section, Table
 from stabilitylab.report.summary import MISSING, best_top1, final_top1, format_number
 from stabilitylab.runs import CONFIG_FILE, Run
 from stabilitylab.sweep import (
-    DIVERGED_REASON,
+    DIVERGED_STATUS_REASONS,
     SWEEP_FILE,
     GridPoint,
     SweepGrid,
@@ -150,7 +150,7 @@ def run_outcome(run: Run | None) -> str:
     if state == "finished":
         return FINISHED
     if state == "failed":
-        return DIVERGED if run.status.get("reason") == DIVERGED_REASON else FAILED
+        return DIVERGED if run.status.get("reason") in DIVERGED_STATUS_REASONS else FAILED
     return INCOMPLETE
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 from timm.optim import create_optimizer_v2
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from probes.bootstrap import bootstrap_accuracy_se
@@ -34,11 +34,30 @@ from stabilitylab.models.vit import (
 from stabilitylab.monitor.knn_eval import evals_row
 from stabilitylab.monitor.recorder import HostStep, MetricsRecorder
 from stabilitylab.monitor.signals import TrainingMonitor
-from stabilitylab.runs import CHECKPOINT_FILE, FROZEN_CHECK_FILE, RunWriter, prepare_run_dir
-from stabilitylab.train.checkpoint import save_checkpoint
+from stabilitylab.runs import (
+    DIVERGED_REASONS,
+    FROZEN_CHECK_FILE,
+    SIGNAL_NAMES,
+    RunWriter,
+    prepare_run_dir,
+)
+from stabilitylab.train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    capture_rng_state,
+    write_checkpoint,
+)
 from stabilitylab.train.environment import describe_environment, resolve_device
 from stabilitylab.train.faults import FaultPlan
-from stabilitylab.train.precision import autocast_factory, build_scaler, scale_tensor
+from stabilitylab.train.interrupts import DeferredInterrupts, StepInterrupt
+from stabilitylab.train.precision import (
+    autocast_factory,
+    build_scaler,
+    optimizer_step,
+    scale_tensor,
+    scaler_overflow,
+)
+from stabilitylab.train.runlock import RunLock, check_not_in_use
+from stabilitylab.train.sampling import EpochBatches, SeededBatches, ignore_interrupts_in_worker
 from stabilitylab.train.schedules import build_lr_schedule, lr_at
 from stabilitylab.train.tensorboard import (
     TensorBoardRunWriter,
@@ -59,6 +78,8 @@ class RunResult:
     best_knn_top1: float
     frozen_check_passed: bool | None
     wall_seconds: float
+    # True when a resume found the run finished already, so nothing was trained.
+    already_finished: bool = False
 
 
 def seed_everything(seed: int) -> None:
@@ -90,20 +111,30 @@ def parameter_fingerprint(model: torch.nn.Module) -> str:
 
 
 def epoch_loader(
-    data: DataBundle, config: RunConfig, epoch: int, device: torch.device
+    data: DataBundle,
+    config: RunConfig,
+    epoch: int,
+    device: torch.device,
+    start_batch: int = 0,
 ) -> DataLoader:
-    # A generator per (seed, epoch) fixes the data order and the worker seeds, the same in
-    # both arms.
+    """Return the loader of one epoch's batches from ``start_batch`` on.
+
+    A generator per (seed, epoch) fixes the data order, the same in both arms, and each
+    batch is loaded under its own seed (stabilitylab.train.sampling), so a resumed run gets
+    the same batches with the same per-image augmentation.
+    """
     generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+    batches = EpochBatches(
+        len(data.train), config.batch_size, generator, config.seed, epoch, start_batch
+    )
     return DataLoader(
-        data.train,
-        batch_size=config.batch_size,
-        sampler=RandomSampler(data.train, generator=generator),
-        drop_last=True,
+        SeededBatches(data.train),
+        batch_sampler=batches,
         num_workers=config.workers,
         pin_memory=device.type == "cuda",
         generator=generator,
         persistent_workers=False,
+        worker_init_fn=ignore_interrupts_in_worker,
     )
 
 
@@ -132,8 +163,16 @@ class Trainer:
         # Optimisation: only trainable parameters reach the optimiser.
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         # MoCo v3 applies weight decay to every trainable parameter, biases and norms included.
+        # Skipping a non-finite step without a host sync needs the fused AdamW kernel, because
+        # it reads a device flag and leaves the weights and the moments unchanged where it is
+        # set. Its rounding differs slightly from the default multi-tensor kernel's.
+        self.skip_nonfinite = config.on_nonfinite == "skip"
         self.optimizer = create_optimizer_v2(
-            trainable, opt="adamw", lr=derived.lr, weight_decay=config.weight_decay
+            trainable,
+            opt="adamw",
+            lr=derived.lr,
+            weight_decay=config.weight_decay,
+            **({"fused": True} if self.skip_nonfinite else {}),
         )
         self.scheduler = build_lr_schedule(
             self.optimizer, derived.total_steps, derived.warmup_steps
@@ -170,6 +209,11 @@ class Trainer:
         # Dense kNN rows wait for the next flush, so a frequent monitor does not write a file
         # per evaluation.
         self.dense_rows: list[dict[str, float]] = []
+        # Steps whose optimiser step was not applied, and the step count of the last checkpoint.
+        self.skipped_steps: list[int] = []
+        self.checkpoint_step: int | None = None
+        # Every checkpoint whose step is a multiple of this is also kept; 0 keeps only the last.
+        self.keep_checkpoints_every = 0
         self.start_time = time.perf_counter()
 
     def _frozen_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -204,32 +248,85 @@ class Trainer:
         result = self.recorder.flush()
         if result is None:
             return
+        self._note_skipped(result.skipped_steps)
         if result.first_nonfinite is not None:
-            bad = result.first_nonfinite
-            self.writer.write_status("failed", step=bad.step, reason="non-finite loss")
-            advice = (
-                "lower --lr"
-                if self.config.precision == "fp32"
-                else "lower --lr or use --precision fp32"
-            )
-            raise TrainingError(
-                f"the loss became non-finite at step {bad.step} (lr {bad.lr:.3g}, precision "
-                f"{self.config.precision}); metrics up to that step are in {self.run_dir}, and "
-                f"any earlier checkpoint is kept. To continue, {advice}"
-            )
-        self.writer.write_status("running", step=self.step, total_steps=self.derived.total_steps)
+            self._stop_at_nonfinite(result.first_nonfinite, result.nonfinite_signal or "loss")
+        self.writer.write_status(
+            "running",
+            step=self.step,
+            total_steps=self.derived.total_steps,
+            skipped_steps=self.skipped_steps,
+        )
+
+    def _note_skipped(self, steps: list[int]) -> None:
+        if not steps:
+            return
+        self.skipped_steps.extend(steps)
+        step_list = ", ".join(map(str, steps[:5])) + (", ..." if len(steps) > 5 else "")
+        log.info(
+            "%s: %d optimiser step(s) skipped (non-finite loss or gradients): %s",
+            self.run_dir,
+            len(steps),
+            step_list,
+        )
+
+    def _stop_at_nonfinite(self, bad: HostStep, signal: str) -> None:
+        """Record the ``diverged`` status of step ``bad`` and raise TrainingError."""
+        self.writer.write_status(
+            "failed",
+            step=bad.step,
+            total_steps=self.derived.total_steps,
+            reason=DIVERGED_REASONS[signal],
+            diverged={
+                "step": bad.step,
+                "signal": signal,
+                "lr": bad.lr,
+                "precision": self.config.precision,
+                "checkpoint_step": self.checkpoint_step,
+            },
+            skipped_steps=self.skipped_steps,
+        )
+        checkpoint_text = (
+            f"the checkpoint written after {self.checkpoint_step} steps is kept"
+            if self.checkpoint_step is not None
+            else "no checkpoint was written before it"
+        )
+        advice = "lower --lr"
+        if self.config.precision != "fp32":
+            advice += ", use --precision fp32,"
+        raise TrainingError(
+            f"the {SIGNAL_NAMES[signal]} became non-finite at step {bad.step} (lr {bad.lr:.3g}, "
+            f"precision {self.config.precision}); metrics up to that step are in "
+            f"{self.run_dir}, and {checkpoint_text}. To continue, {advice} or pass "
+            "--on-nonfinite skip to skip such steps"
+        )
 
     def save(self) -> None:
+        # Under the stop policy a few steps may follow a diverged one before the device flag
+        # is read. flush() then raises, so their weights never replace the last checkpoint.
+        if bool(self.monitor.nonfinite):
+            self.flush()
+        # stabilitylab.train.checkpoint lists the keys; stabilitylab.train.resume reads them.
         state = {
+            "format_version": CHECKPOINT_FORMAT,
             "step": self.step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "config": self.config.to_dict(),
+            "rng": capture_rng_state(self.device),
+            "evals": [
+                {"top1": r.top1, "top5": r.top5, "n_bank": r.n_bank, "n_query": r.n_query}
+                for r in self.evals
+            ],
+            "skipped_steps": list(self.skipped_steps),
+            "wall_seconds": time.perf_counter() - self.start_time,
+            "keep_checkpoints_every": self.keep_checkpoints_every,
         }
         if self.dense_queue is not None:
             state["dense_knn_queue"] = self.dense_queue.state_dict()
-        save_checkpoint(self.run_dir / CHECKPOINT_FILE, state)
+        write_checkpoint(self.run_dir, state, self.keep_checkpoints_every)
+        self.checkpoint_step = self.step
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -269,9 +366,15 @@ class Trainer:
         # Every norm is measured on unscaled gradients.
         self.scaler.unscale_(self.optimizer)
         self.faults.apply_gradient_spikes(self.step)
-        self.monitor.record_gradients(loss, scale_tensor(self.scaler, self.device))
+        overflow = scaler_overflow(self.scaler, self.optimizer)
+        skip = self.monitor.record_gradients(
+            loss,
+            scale_tensor(self.scaler, self.device),
+            overflow=overflow if overflow is not None else False,
+            skip_nonfinite=self.skip_nonfinite,
+        )
         self.monitor.snapshot_weights()
-        self.scaler.step(self.optimizer)
+        optimizer_step(self.optimizer, self.scaler, skip if self.skip_nonfinite else None)
         self.scaler.update()
         self.monitor.record_updates()
         self.model.update_momentum_encoder(momentum)
@@ -289,7 +392,7 @@ class Trainer:
         self.step += 1
 
     def evaluate(self) -> KnnResult:
-        # A broken model would score 0% and read as a dip: stop at the non-finite loss instead.
+        # A broken model would score 0% and read as a dip: stop at the diverged step instead.
         if bool(self.monitor.nonfinite):
             self.flush()
         started = time.perf_counter()
@@ -415,11 +518,17 @@ class Trainer:
         self.writer.close()
 
 
-def _train_epochs(trainer: Trainer, progress: tqdm | None) -> None:
+def _train_epochs(
+    trainer: Trainer, progress: tqdm | None, interrupts: DeferredInterrupts | None = None
+) -> None:
+    """Train from ``trainer.step`` to the end, raising StepInterrupt after a signalled step."""
     config, derived = trainer.config, trainer.derived
-    for epoch in range(config.epochs):
-        loader = epoch_loader(trainer.data, config, epoch, trainer.device)
-        for batch_index, batch in enumerate(loader):
+    # Every epoch has steps_per_epoch full batches, so the step count gives the position.
+    first_epoch, first_batch = divmod(trainer.step, derived.steps_per_epoch)
+    for epoch in range(first_epoch, config.epochs):
+        start = first_batch if epoch == first_epoch else 0
+        loader = epoch_loader(trainer.data, config, epoch, trainer.device, start_batch=start)
+        for batch_index, batch in enumerate(loader, start=start):
             view1, view2 = trainer.views(batch)
             labels = batch[1].to(trainer.device, non_blocking=True)
             trainer.train_step(
@@ -438,53 +547,106 @@ def _train_epochs(trainer: Trainer, progress: tqdm | None) -> None:
                 trainer.save()
             if progress is not None:
                 progress.update(1)
+            if interrupts is not None:
+                interrupts.check()
 
 
 def run_training(
-    config: RunConfig, out: str | Path, overwrite: bool = False, show_progress: bool | None = None
+    config: RunConfig,
+    out: str | Path,
+    overwrite: bool = False,
+    show_progress: bool | None = None,
+    keep_checkpoints_every: int = 0,
 ) -> RunResult:
     """Train one run into ``out`` and return its summary.
 
     Everything that can be checked before training (device, precision, data, batch size) is
     checked before the run directory is created, so a bad option leaves no folder behind.
-    ``show_progress=None`` shows a progress bar only on a terminal.
+    ``show_progress=None`` shows a progress bar only on a terminal. Every checkpoint whose
+    step is a multiple of ``keep_checkpoints_every`` (0: none) is kept beside the last one.
+    :func:`stabilitylab.train.resume.resume_training` continues a run that stopped.
     """
     device = resolve_device(config.device)
     autocast_factory(config.precision, device)
     seed_everything(config.seed)
     data = build_data(config)
-    derived = derive(config, len(data.train), data.in_chans, data.num_classes)
+    derived = derive(config, len(data.train), data.in_chans, data.num_classes, data.img_size)
     check_tensorboard(config.tensorboard, Path(out))
-    run_dir = prepare_run_dir(Path(out), overwrite=overwrite)
+    if overwrite and Path(out).is_dir():
+        check_not_in_use(Path(out))  # before --overwrite empties the folder
+    run_dir = prepare_run_dir(Path(out), overwrite=overwrite, resume_option="--resume")
+    data.attach_run_dir(run_dir)  # skipped_images.json, with --skip-bad-images
 
-    trainer = Trainer(config, run_dir, data, derived, device)
-    trainer.write_header(describe_environment(device, config.seed))
-    log.info(
-        "%s: %s, %s, %d steps (%d per epoch), lr %.3g, freeze_patch_embed=%s, device %s",
-        run_dir,
-        config.method,
-        data.description,
-        derived.total_steps,
-        derived.steps_per_epoch,
-        derived.lr,
-        config.freeze_patch_embed,
-        device,
+    with RunLock(run_dir):
+        trainer = Trainer(config, run_dir, data, derived, device)
+        trainer.keep_checkpoints_every = keep_checkpoints_every
+        trainer.write_header(describe_environment(device, config.seed))
+        log.info(
+            "%s: %s, %s, %d steps (%d per epoch), lr %.3g, freeze_patch_embed=%s, device %s",
+            run_dir,
+            config.method,
+            data.description,
+            derived.total_steps,
+            derived.steps_per_epoch,
+            derived.lr,
+            config.freeze_patch_embed,
+            device,
+        )
+        return train_run(trainer, show_progress)
+
+
+def _write_interrupted(trainer: Trainer) -> None:
+    trainer.writer.write_status(
+        "interrupted",
+        step=trainer.step,
+        total_steps=trainer.derived.total_steps,
+        checkpoint_step=trainer.checkpoint_step,
+        skipped_steps=trainer.skipped_steps,
     )
+
+
+def train_run(trainer: Trainer, show_progress: bool | None = None) -> RunResult:
+    """Train from ``trainer.step`` to the end, record the outcome and return the summary.
+
+    A run at step 0 is evaluated first, for the start of the kNN curve. SIGINT and SIGTERM
+    stop the run after the current step with a checkpoint at that step, and re-raise as
+    KeyboardInterrupt with the ``run_dir`` and ``checkpoint_step`` attributes set. The
+    caller holds the run directory's RunLock.
+    """
+    derived, run_dir = trainer.derived, trainer.run_dir
     # tqdm's disable=None hides the bar when stderr is not a terminal.
     disable = None if show_progress is None else not show_progress
-    progress = tqdm(total=derived.total_steps, desc=run_dir.name, unit="step", disable=disable)
+    progress = tqdm(
+        total=derived.total_steps,
+        initial=trainer.step,
+        desc=run_dir.name,
+        unit="step",
+        disable=disable,
+    )
+    interrupts = DeferredInterrupts()
     try:
-        trainer.evaluate()  # step 0: the starting point of the kNN curve
-        _train_epochs(trainer, progress)
-        trainer.flush()
-        passed = trainer.check_frozen()
-        trainer.save()
-    except KeyboardInterrupt:
-        trainer.flush()
-        trainer.save()
-        trainer.writer.write_status(
-            "interrupted", step=trainer.step, total_steps=derived.total_steps
-        )
+        with interrupts:
+            try:
+                if trainer.step == 0:
+                    trainer.evaluate()  # the starting point of the kNN curve
+                _train_epochs(trainer, progress, interrupts)
+                trainer.flush()
+                passed = trainer.check_frozen()
+                trainer.save()
+            except StepInterrupt:
+                # The signalled step is complete, so its state resumes exactly.
+                trainer.flush()
+                if trainer.checkpoint_step != trainer.step:
+                    trainer.save()
+                _write_interrupted(trainer)
+                raise
+    except KeyboardInterrupt as interrupt:
+        if not isinstance(interrupt, StepInterrupt):
+            # Raised inside a step, whose state is incomplete: nothing more is flushed or
+            # saved, and a resume continues from the last checkpoint.
+            _write_interrupted(trainer)
+        interrupt.run_dir = run_dir  # type: ignore[attr-defined]
+        interrupt.checkpoint_step = trainer.checkpoint_step  # type: ignore[attr-defined]
         raise
     except TrainingError:
         raise  # flush() has already recorded the failure
@@ -506,6 +668,7 @@ def run_training(
         final_knn_top1=top1[-1],
         best_knn_top1=max(top1),
         frozen_check_passed=passed,
+        skipped_steps=trainer.skipped_steps,
     )
     log.info(
         "%s: finished %d steps in %.0f s, kNN top-1 %.2f%% (best %.2f%%)",

@@ -73,10 +73,11 @@ def resolve_tensorboard_dir(value: str | None, run_dir: Path) -> Path | None:
 def check_tensorboard(value: str | None, run_dir: Path) -> None:
     """Raise ConfigError when TensorBoard output is requested but cannot be written.
 
-    Checks that the tensorboard package is installed and that a folder outside the run
-    directory contains no event files of an earlier run, which TensorBoard would mix with
-    this one. A folder inside the run directory is emptied or rejected with the run
-    directory itself.
+    Checks that the tensorboard package is installed and that the folder can be created,
+    because neither it nor a parent is a file. A folder outside the run directory must
+    contain no event files of an earlier run, which TensorBoard would mix with this one. A
+    folder inside the run directory is emptied or rejected with the run directory itself.
+    The run calls this before it creates the run directory, so a bad value leaves no folder.
     """
     folder = resolve_tensorboard_dir(value, run_dir)
     if folder is None:
@@ -86,12 +87,26 @@ def check_tensorboard(value: str | None, run_dir: Path) -> None:
         return
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--tensorboard {folder} is a file; pass a folder for the event files")
+    blocking = _existing_file_parent(folder)
+    if blocking is not None:
+        raise ConfigError(
+            f"--tensorboard {folder} cannot be created, because {blocking} is a file, not a "
+            "folder; pass a folder path that contains no file"
+        )
     if folder.is_dir() and any(folder.glob(EVENT_FILE_PREFIX + "*")):
         raise ConfigError(
             f"--tensorboard {folder} already contains event files, which TensorBoard would show "
             "as one run with this one; pass a new folder, such as one per run under a shared "
             "log folder"
         )
+
+
+def _existing_file_parent(path: Path) -> Path | None:
+    """Return the nearest existing parent of ``path`` when it is a file, else None."""
+    for parent in path.parents:
+        if parent.exists():
+            return parent if not parent.is_dir() else None
+    return None
 
 
 def _is_inside(path: Path, folder: Path) -> bool:
