@@ -127,6 +127,21 @@ class RunConfig:
 
 
 FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
+# As config.json stores them: tuples become lists.
+FIELD_DEFAULTS: dict[str, Any] = {
+    f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+    for f in fields(RunConfig)
+}
+
+
+def with_field_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
+    """Fill the fields that ``recorded`` lacks with their defaults.
+
+    A run recorded by an earlier version has no entry for the fields added since; each was
+    added with a default that keeps the earlier behaviour, so that default is what the run
+    used. Comparing configurations across versions therefore compares filled ones.
+    """
+    return {**FIELD_DEFAULTS, **recorded}
 
 
 def available_presets() -> list[str]:

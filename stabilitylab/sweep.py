@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from stabilitylab.atomic import write_text_atomic
-from stabilitylab.config import RunConfig, build_config
+from stabilitylab.config import RunConfig, build_config, with_field_defaults
 from stabilitylab.errors import ConfigError, RunDirError, TrainingError
 from stabilitylab.runs import CONFIG_FILE, DIVERGED_REASONS, STATUS_FILE, make_dir
 
@@ -280,6 +280,8 @@ def _arms_text(arms: Sequence[str]) -> str:
 def _config_differences(
     recorded: dict[str, Any], expected: dict[str, Any], where: str
 ) -> list[str]:
+    # A field added after a run was recorded is missing there and took its default.
+    recorded, expected = with_field_defaults(recorded), with_field_defaults(expected)
     keys = sorted(set(recorded) | set(expected))
     return [
         f"{key} {recorded.get(key, 'missing')!r} in {where}, {expected.get(key, 'missing')!r} now"

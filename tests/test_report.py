@@ -621,3 +621,11 @@ def test_seed_comparison_mean_per_setting():
     means = [row for row in table.rows if row[0].startswith("mean over seeds")]
     assert [row[0] for row in means] == ["mean over seeds, lr 0.05", "mean over seeds, lr 0.1"]
     assert [row[5] for row in means] == ["+1.00 (n=2)", "+4.00 (n=2)"]
+
+
+def test_runs_of_two_versions_pair():
+    runs = sweep_pair_runs()[:2]
+    runs[0].config["on_nonfinite"] = "stop"  # recorded by a version that has the field
+    pairs, unpaired = pair_arms(runs)
+    assert [pair.label for pair in pairs] == ["0"]
+    assert unpaired == []

@@ -259,6 +259,18 @@ def test_mismatched_run_folder_raises(tmp_path, tiny_config):
     assert "lr 0.01 in config.json, 0.003 now" in str(raised.value)
 
 
+def test_run_of_earlier_version_skipped(tmp_path, tiny_config):
+    manifest = tiny_manifest(lrs=(STABLE_LR,), arms="learned")
+    point = manifest.points[0]
+    recorded = manifest.point_config(point).to_dict()
+    del recorded["on_nonfinite"]  # a field added after the run was recorded
+    writer = RunWriter(tmp_path / point.name)
+    writer.write_config(recorded, {}, {})
+    writer.write_status("finished")
+    (entry,) = plan_sweep(manifest, tmp_path)
+    assert entry.action == "skip"
+
+
 def test_mismatched_run_folder_overwrite(tmp_path, tiny_config):
     manifest = tiny_manifest(lrs=(STABLE_LR,), arms="learned")
     folder = tmp_path / manifest.points[0].name

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stabilitylab.config import with_field_defaults
 from stabilitylab.detect import (
     GRAD_NORM,
     LOSS,
@@ -248,15 +249,26 @@ PAIRING_IGNORED = (
 
 
 def pairing_key(run: Run) -> str:
-    """Return the run's configuration without the arm and bookkeeping settings, as text."""
-    recipe = {k: v for k, v in run.config.items() if k not in PAIRING_IGNORED}
+    """Return the run's configuration without the arm and bookkeeping settings, as text.
+
+    A run of ``stabilitylab run`` (one without a ``source``) gets the defaults of the fields
+    added after it was recorded, so that runs of two versions still pair.
+    """
+    recipe = {k: v for k, v in _filled_config(run).items() if k not in PAIRING_IGNORED}
     return json.dumps(recipe, sort_keys=True, default=str)
 
 
+def _filled_config(run: Run) -> dict[str, Any]:
+    return run.config if "source" in run.config else with_field_defaults(run.config)
+
+
 def _differing_keys(runs: Sequence[Run]) -> list[str]:
-    keys = sorted({k for run in runs for k in run.config} - set(PAIRING_IGNORED))
+    configs = [_filled_config(run) for run in runs]
+    keys = sorted({k for config in configs for k in config} - set(PAIRING_IGNORED))
     return [
-        k for k in keys if len({json.dumps(run.config.get(k), default=str) for run in runs}) > 1
+        k
+        for k in keys
+        if len({json.dumps(config.get(k), default=str) for config in configs}) > 1
     ]
 
 
@@ -294,7 +306,7 @@ def _with_settings(runs: Sequence[Run], pairs: list[ArmPair]) -> list[ArmPair]:
         return pairs
 
     def values(pair: ArmPair) -> list[Any]:
-        return [runs[pair.learned].config.get(key) for key in keys]
+        return [_filled_config(runs[pair.learned]).get(key) for key in keys]
 
     def order(pair: ArmPair) -> tuple:
         # Numbers sort by value and before text, so lr 0.05 comes before lr 0.1.
