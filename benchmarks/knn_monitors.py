@@ -57,7 +57,7 @@ class _Batches:
         self.epoch = 0
         self.iterator = iter(())
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def next(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         batch = next(self.iterator, None)
         if batch is None:
             trainer = self.trainer
@@ -66,8 +66,7 @@ class _Batches:
             )
             self.epoch += 1
             batch = next(self.iterator)
-        view1, view2 = self.trainer.views(batch)
-        return view1, view2, batch[1].to(self.trainer.device)
+        return self.trainer.views(batch), batch[1].to(self.trainer.device)
 
 
 def main() -> None:
@@ -96,8 +95,8 @@ def _measure(trainer: Trainer, rounds: int, warmup_steps: int) -> dict[str, list
     device = trainer.device
 
     def step() -> float:
-        view1, view2, labels = batches.next()
-        return _timed(lambda: trainer.train_step(view1, view2, 0.0, labels=labels), device)
+        views, labels = batches.next()
+        return _timed(lambda: trainer.train_step(views, 0.0, labels=labels), device)
 
     for _ in range(warmup_steps):
         step()

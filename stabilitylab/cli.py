@@ -20,9 +20,13 @@ from typing import Any
 
 from stabilitylab.config import (
     DATASETS,
+    METHOD_DEFAULTS,
     METHODS,
     MODELS,
     NONFINITE_POLICIES,
+    OPTIMIZERS,
+    POOLS,
+    POS_EMBEDS,
     PRECISIONS,
     RunConfig,
     available_presets,
@@ -73,6 +77,8 @@ class Option:
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
     flag: bool = False
+    # --NAME and --no-NAME set the field to True and False (argparse.BooleanOptionalAction).
+    boolean: bool = False
     repeat: bool = False  # the option may be given several times; the values form a tuple
     name: str | None = None  # the flag, when it is not the field name with dashes
 
@@ -116,7 +122,12 @@ RUN_OPTIONS = (
         "stopping, and list them in RUN_DIR/skipped_images.json",
         flag=True,
     ),
-    Option("method", "self-supervised method", choices=METHODS),
+    Option(
+        "method",
+        "self-supervised method: MoCo v3, SimCLR, BYOL, SwAV or DINO; each brings its own "
+        "defaults for the method options below (docs/methods.md)",
+        choices=METHODS,
+    ),
     Option(
         "model",
         "ViT size: vit_micro (64 wide, 4 blocks, for 16 px digits) or the recipe's "
@@ -153,7 +164,10 @@ RUN_OPTIONS = (
         metavar="LR",
     ),
     Option(
-        "weight_decay", "AdamW decoupled weight decay coefficient", type=finite_float, metavar="WD"
+        "weight_decay",
+        "weight decay coefficient (decoupled for AdamW and LAMB)",
+        type=finite_float,
+        metavar="WD",
     ),
     Option(
         "warmup_epochs",
@@ -177,11 +191,159 @@ RUN_OPTIONS = (
         "proj_hidden_dim", "hidden width of the projector and predictor MLPs", type=int, metavar="N"
     ),
     Option("proj_dim", "output width of the projector and predictor", type=int, metavar="N"),
+    Option("proj_layers", "linear layers in the projector MLP", type=int, metavar="N"),
+    Option(
+        "predictor",
+        "MoCo v3 and BYOL: keep the online predictor MLP (--no-predictor: the queries are the "
+        "projector outputs, the study's ablation)",
+        boolean=True,
+    ),
+    Option(
+        "head_bn",
+        "BatchNorm in the projector and predictor (--no-head-bn: none, the study's ablation)",
+        boolean=True,
+    ),
     Option(
         "crop_min_scale",
-        "smallest random-resized-crop area as a fraction of the image",
+        "smallest random-resized-crop area of the global views, as a fraction of the image",
         type=finite_float,
         metavar="S",
+    ),
+    Option(
+        "pos_embed",
+        "position embedding: fixed 2D sin-cos (MoCo v3), a learned table, or none",
+        choices=POS_EMBEDS,
+    ),
+    Option(
+        "pool",
+        "backbone features: the class token after the final norm, or global average pooling "
+        "of the patch tokens (no class token)",
+        choices=POOLS,
+    ),
+    Option(
+        "qk_norm",
+        "LayerNorm of queries and keys in every attention layer (timm's qk_norm), a mitigation "
+        "to compare with the frozen patch projection",
+        boolean=True,
+    ),
+    Option(
+        "optimizer",
+        "timm optimiser: AdamW (the recipe), LAMB or LARS; weight decay applies to every "
+        "trainable parameter",
+        choices=OPTIMIZERS,
+    ),
+    Option(
+        "weight_decay_end",
+        "weight decay at the last step, reached along a cosine from --weight-decay (DINO: 0.4); "
+        "default: constant",
+        type=finite_float,
+        metavar="WD",
+    ),
+    Option(
+        "grad_clip",
+        "clip the total gradient norm to this value before the optimiser step (the monitor "
+        "records the norms before clipping); default: no clipping",
+        type=finite_float,
+        metavar="NORM",
+    ),
+    Option(
+        "num_prototypes",
+        "SwAV: prototypes; DINO: output dimension of the head",
+        type=int,
+        metavar="K",
+    ),
+    Option(
+        "freeze_last_layer_epochs",
+        "SwAV and DINO: epochs during which the prototypes (DINO's last layer) get no gradient",
+        type=finite_float,
+        metavar="E",
+    ),
+    Option(
+        "teacher_temperature",
+        "DINO: teacher softmax temperature after its warmup",
+        type=finite_float,
+        metavar="TAU",
+    ),
+    Option(
+        "teacher_temperature_warmup",
+        "DINO: teacher temperature at step 0, raised linearly to --teacher-temperature",
+        type=finite_float,
+        metavar="TAU",
+    ),
+    Option(
+        "teacher_temperature_warmup_epochs",
+        "DINO: epochs of the linear teacher-temperature warmup",
+        type=finite_float,
+        metavar="E",
+    ),
+    Option(
+        "center_momentum",
+        "DINO: EMA coefficient of the centre subtracted from the teacher outputs",
+        type=finite_float,
+        metavar="M",
+    ),
+    Option(
+        "sinkhorn_iterations",
+        "SwAV: Sinkhorn-Knopp iterations of the equipartitioned assignments",
+        type=int,
+        metavar="N",
+    ),
+    Option(
+        "sinkhorn_epsilon",
+        "SwAV: entropy regularisation epsilon of the assignments",
+        type=finite_float,
+        metavar="EPS",
+    ),
+    Option(
+        "queue_length",
+        "SwAV: earlier projections kept for the assignments, a multiple of --batch-size; 0 "
+        "for no queue",
+        type=int,
+        metavar="N",
+    ),
+    Option(
+        "queue_start_epochs",
+        "SwAV: epochs before the queue is used",
+        type=finite_float,
+        metavar="E",
+    ),
+    Option(
+        "local_crops",
+        "SwAV and DINO multi-crop: small crops per image beside the two global views; 0 for none",
+        type=int,
+        metavar="N",
+    ),
+    Option(
+        "local_crop_size",
+        "side of the local crops in pixels, a multiple of the patch size (default: 96/224 of "
+        "the image side)",
+        type=int,
+        metavar="PX",
+    ),
+    Option(
+        "local_crop_min_scale",
+        "smallest local-crop area as a fraction of the image",
+        type=finite_float,
+        metavar="S",
+    ),
+    Option(
+        "local_crop_max_scale",
+        "largest local-crop area as a fraction of the image",
+        type=finite_float,
+        metavar="S",
+    ),
+    Option(
+        "attention_every",
+        "optimiser steps between attention probes, which record each layer and head's "
+        "attention entropy and maximum attention logit on a fixed batch; 0 turns them off",
+        type=int,
+        metavar="STEPS",
+    ),
+    Option(
+        "attention_images",
+        "validation images in the attention probes' fixed batch",
+        type=int,
+        metavar="N",
     ),
     Option(
         "seed",
@@ -281,7 +443,13 @@ RUN_OPTIONS = (
 )
 
 
+# Fields whose default each method sets (config.METHOD_DEFAULTS).
+_METHOD_SET = frozenset(key for values in METHOD_DEFAULTS.values() for key in values)
+
+
 def _default_text(option: Option) -> str:
+    if option.field in _METHOD_SET:
+        return " (default: the method's; docs/methods.md)"
     value = getattr(_digits_defaults(), option.field)
     if option.flag or value is None:
         return ""
@@ -367,6 +535,14 @@ def _add_run_options(parser: Parser, skip: tuple[str, ...] = ()) -> None:
         if option.flag:
             parser.add_argument(
                 flag, action="store_true", default=argparse.SUPPRESS, help=option.help
+            )
+            continue
+        if option.boolean:
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=option.help + _default_text(option),
             )
             continue
         parser.add_argument(

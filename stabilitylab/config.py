@@ -27,7 +27,10 @@ DATASET_IMG_SIZES = {"cifar10": 32, "cifar100": 32, "mnist": 28, "fashion-mnist"
 # Datasets that --download can fetch (through torchvision) and --val-split can split.
 DOWNLOADABLE = ("cifar10", "cifar100", "mnist", "fashion-mnist")
 SPLITTABLE = ("imagefolder", "npz")
-METHODS = ("mocov3",)
+METHODS = ("mocov3", "simclr", "byol", "swav", "dino")
+POS_EMBEDS = ("sincos", "learned", "none")
+POOLS = ("cls", "gap")
+OPTIMIZERS = ("adamw", "lamb", "lars")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Policies at a step whose loss or gradient norm is NaN or infinite: stop the run or skip it.
 NONFINITE_POLICIES = ("stop", "skip")
@@ -82,6 +85,42 @@ class RunConfig:
     proj_hidden_dim: int = 4096
     proj_dim: int = 256
     crop_min_scale: float = 0.08
+    # Ablation knobs of the study. The defaults are MoCo v3's: fixed 2D sin-cos position
+    # embedding, class-token pooling, BN in the heads, a predictor, AdamW.
+    pos_embed: str = "sincos"  # one of POS_EMBEDS
+    pool: str = "cls"  # one of POOLS: the class token, or global average pooling of the patches
+    qk_norm: bool = False  # timm's LayerNorm of queries and keys in every attention layer
+    optimizer: str = "adamw"  # one of OPTIMIZERS, from timm
+    weight_decay_end: float | None = None  # None: constant; else cosine from weight_decay
+    grad_clip: float | None = None  # max total gradient norm; None: no clipping
+    predictor: bool = True  # MoCo v3 and BYOL: the online predictor MLP
+    head_bn: bool = True  # BatchNorm in the projector and predictor MLPs
+    proj_layers: int = 3  # linear layers in the projector
+    # SwAV and DINO: prototypes (DINO's output dimension), and the epochs during which the
+    # prototypes, DINO's last layer, get no gradient.
+    num_prototypes: int = 3000
+    freeze_last_layer_epochs: float = 0.0
+    # DINO: teacher softmax temperature, warmed up linearly from teacher_temperature_warmup
+    # over teacher_temperature_warmup_epochs; EMA coefficient of the output centre.
+    teacher_temperature: float = 0.07
+    teacher_temperature_warmup: float = 0.04
+    teacher_temperature_warmup_epochs: float = 0.0
+    center_momentum: float = 0.9
+    # SwAV: Sinkhorn-Knopp iterations and entropy epsilon; a queue of earlier projections
+    # used for the assignments once queue_start_epochs have passed (0 images: none).
+    sinkhorn_iterations: int = 3
+    sinkhorn_epsilon: float = 0.05
+    queue_length: int = 0
+    queue_start_epochs: float = 0.0
+    # SwAV and DINO multi-crop: local crops per image beside the two global views.
+    local_crops: int = 0
+    local_crop_size: int | None = None  # None: 96/224 of the image side, in whole patches
+    local_crop_min_scale: float = 0.05
+    local_crop_max_scale: float = 0.4
+    # Attention probes on a fixed batch of validation images: every this many optimiser
+    # steps (0: off), over this many images.
+    attention_every: int = 0
+    attention_images: int = 32
     seed: int = 0
     eval_every: int = 100  # optimiser steps
     knn_k: int = 20
@@ -169,32 +208,164 @@ def load_preset(name: str) -> dict[str, Any]:
 DATASET_SIZED_KEYS = ("eval_every", "dense_knn_every", "dense_knn_size", "crop_min_scale")
 
 
+# Each method's own values of the method-specific keys, from its paper or public code
+# (docs/methods.md gives the source of each). Keys not listed take the RunConfig default.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Chen, Xie and He 2021, and facebookresearch/moco-v3.
+    "mocov3": {
+        "temperature": 0.2,
+        "momentum": 0.99,
+        "proj_layers": 3,
+        "proj_hidden_dim": 4096,
+        "proj_dim": 256,
+        "predictor": True,
+        "head_bn": True,
+        "weight_decay": 0.1,
+    },
+    # Chen et al. 2020 (SimCLR): NT-Xent at tau 0.1, a 2-layer 2048 -> 128 projector; the
+    # BN in its hidden layer follows the public code.
+    "simclr": {
+        "temperature": 0.1,
+        "proj_layers": 2,
+        "proj_hidden_dim": 2048,
+        "proj_dim": 128,
+        "predictor": False,
+        "head_bn": True,
+        "weight_decay": 0.1,
+    },
+    # Grill et al. 2020 (BYOL): 4096 -> 256 projector and predictor, target EMA from 0.996.
+    "byol": {
+        "momentum": 0.996,
+        "proj_layers": 2,
+        "proj_hidden_dim": 4096,
+        "proj_dim": 256,
+        "predictor": True,
+        "head_bn": True,
+        "weight_decay": 0.1,
+    },
+    # Caron et al. 2020 (SwAV) and facebookresearch/swav: tau 0.1, 3000 prototypes frozen for
+    # the first epoch (313 iterations at batch 4096), 3 Sinkhorn iterations at epsilon 0.05.
+    "swav": {
+        "temperature": 0.1,
+        "proj_layers": 2,
+        "proj_hidden_dim": 2048,
+        "proj_dim": 128,
+        "head_bn": True,
+        "num_prototypes": 3000,
+        "freeze_last_layer_epochs": 1.0,
+        "sinkhorn_iterations": 3,
+        "sinkhorn_epsilon": 0.05,
+        "weight_decay": 0.1,
+    },
+    # Caron et al. 2021 (DINO) and facebookresearch/dino, ViT-S/16 300-epoch recipe: student
+    # tau 0.1, teacher tau 0.04 -> 0.07 over 30 epochs, centre momentum 0.9, 65536 outputs
+    # behind a 3-layer 2048 -> 256 head without BN, last layer frozen for one epoch, teacher
+    # EMA from 0.996, weight decay 0.04 -> 0.4, gradient clipping at 3.0.
+    "dino": {
+        "temperature": 0.1,
+        "momentum": 0.996,
+        "proj_layers": 3,
+        "proj_hidden_dim": 2048,
+        "proj_dim": 256,
+        "head_bn": False,
+        "num_prototypes": 65536,
+        "freeze_last_layer_epochs": 1.0,
+        "teacher_temperature": 0.07,
+        "teacher_temperature_warmup": 0.04,
+        "teacher_temperature_warmup_epochs": 30.0,
+        "center_momentum": 0.9,
+        "weight_decay": 0.04,
+        "weight_decay_end": 0.4,
+        "grad_clip": 3.0,
+    },
+}
+METHOD_KEYS = tuple(sorted({key for values in METHOD_DEFAULTS.values() for key in values}))
+# Keys that only some methods read; passing one to another method is rejected.
+METHOD_ONLY_KEYS: dict[str, tuple[str, ...]] = {
+    "temperature": ("mocov3", "simclr", "swav", "dino"),
+    "momentum": ("mocov3", "byol", "dino"),
+    "predictor": ("mocov3", "byol"),
+    "num_prototypes": ("swav", "dino"),
+    "freeze_last_layer_epochs": ("swav", "dino"),
+    "teacher_temperature": ("dino",),
+    "teacher_temperature_warmup": ("dino",),
+    "teacher_temperature_warmup_epochs": ("dino",),
+    "center_momentum": ("dino",),
+    "sinkhorn_iterations": ("swav",),
+    "sinkhorn_epsilon": ("swav",),
+    "queue_length": ("swav",),
+    "queue_start_epochs": ("swav",),
+    "local_crops": ("swav", "dino"),
+    "local_crop_size": ("swav", "dino"),
+    "local_crop_min_scale": ("swav", "dino"),
+    "local_crop_max_scale": ("swav", "dino"),
+}
+
+
 def _preset_for(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Load ``preset``, dropping its dataset-sized values when another dataset is chosen."""
+    """Load ``preset``, dropping its dataset-sized values when another dataset is chosen.
+
+    Its method-specific values (METHOD_KEYS) are dropped too when another method is chosen,
+    so that method's own defaults apply.
+    """
     values = load_preset(preset)
-    own = values.get("dataset", RunConfig.dataset)
-    dataset = overrides.get("dataset") or own
-    if dataset == own:
-        return values
-    dropped = [key for key in DATASET_SIZED_KEYS if key in values and key not in overrides]
-    if dropped:
-        log.info(
-            "preset %r is sized for the %s data; with --dataset %s these keys take their "
-            "defaults instead: %s",
-            preset,
-            own,
-            dataset,
-            ", ".join(f"{key} {getattr(RunConfig, key)!r}" for key in dropped),
-        )
+    dropped: list[str] = []
+    own_dataset = values.get("dataset", RunConfig.dataset)
+    dataset = overrides.get("dataset") or own_dataset
+    if dataset != own_dataset:
+        sized = [key for key in DATASET_SIZED_KEYS if key in values and key not in overrides]
+        if sized:
+            log.info(
+                "preset %r is sized for the %s data; with --dataset %s these keys take their "
+                "defaults instead: %s",
+                preset,
+                own_dataset,
+                dataset,
+                ", ".join(f"{key} {getattr(RunConfig, key)!r}" for key in sized),
+            )
+        dropped += sized
+    own_method = values.get("method", RunConfig.method)
+    method = overrides.get("method") or own_method
+    if method != own_method:
+        specific = [key for key in METHOD_KEYS if key in values and key not in overrides]
+        if specific:
+            log.info(
+                "preset %r sets %s values; with --method %s these keys take that method's "
+                "defaults instead: %s",
+                preset,
+                own_method,
+                method,
+                ", ".join(specific),
+            )
+        dropped += specific
     return {key: value for key, value in values.items() if key not in dropped}
 
 
+def _check_method_only_keys(method: str, overrides: dict[str, Any]) -> None:
+    for key in sorted(overrides):
+        readers = METHOD_ONLY_KEYS.get(key)
+        if readers is not None and method not in readers:
+            option = "--" + key.replace("_", "-")
+            raise ConfigError(
+                f"{option} is only read with --method {' or '.join(readers)}, not {method}; "
+                f"drop {option} or pass --method {readers[0]}"
+            )
+
+
 def build_config(preset: str = "digits", **overrides: Any) -> RunConfig:
-    """Build and validate a configuration from a preset and explicit overrides."""
+    """Build and validate a configuration from a preset and explicit overrides.
+
+    Precedence, lowest first: the RunConfig defaults, the method's METHOD_DEFAULTS, the
+    preset, the overrides.
+    """
     unknown = sorted(set(overrides) - set(FIELD_NAMES))
     if unknown:
         raise ConfigError(f"unknown configuration keys {unknown}; known keys: {list(FIELD_NAMES)}")
-    values = {**_preset_for(preset, overrides), **overrides, "preset": preset}
+    preset_values = _preset_for(preset, overrides)
+    method = overrides.get("method") or preset_values.get("method", RunConfig.method)
+    _check_choice("method", method, METHODS)
+    _check_method_only_keys(method, overrides)
+    values = {**METHOD_DEFAULTS[method], **preset_values, **overrides, "preset": preset}
     config = RunConfig(**values)
     validate(config)
     return config
@@ -247,6 +418,10 @@ def validate(config: RunConfig) -> None:
         ("knn_max_query", "images evaluated by the kNN monitor"),
         ("proj_hidden_dim", "hidden width of the projector and predictor"),
         ("proj_dim", "output width of the projector and predictor"),
+        ("proj_layers", "linear layers in the projector"),
+        ("num_prototypes", "SwAV prototypes, or DINO output dimensions"),
+        ("sinkhorn_iterations", "Sinkhorn-Knopp normalisation rounds"),
+        ("attention_images", "validation images the attention probes run on"),
     ):
         value = getattr(config, name)
         _require(
@@ -264,10 +439,6 @@ def validate(config: RunConfig) -> None:
         f"than --epochs {config.epochs}",
     )
     _require(
-        0 <= config.momentum <= 1,
-        f"--momentum {config.momentum!r} is invalid: the EMA coefficient must be in [0, 1]",
-    )
-    _require(
         0 < config.crop_min_scale <= 1,
         f"--crop-min-scale {config.crop_min_scale!r} is invalid: it must be in (0, 1]",
     )
@@ -276,6 +447,12 @@ def validate(config: RunConfig) -> None:
         config.batch_size >= 2,
         f"--batch-size {config.batch_size} is invalid: the BatchNorm layers of the heads need at "
         "least 2 images per step",
+    )
+    _require(
+        config.on_nonfinite != "skip" or config.optimizer == "adamw",
+        f"--on-nonfinite skip needs --optimizer adamw, whose fused kernel skips a step without "
+        f"a host sync; timm's {config.optimizer} has no such kernel, so pass --on-nonfinite "
+        "stop or --optimizer adamw",
     )
     _require(config.workers >= 0, f"--workers {config.workers!r} is invalid: it must be 0 or more")
     _require(
@@ -288,11 +465,102 @@ def validate(config: RunConfig) -> None:
         f"--tensorboard {config.tensorboard!r} is invalid: pass a folder name, or the bare "
         "flag for RUN_DIR/tensorboard",
     )
+    _validate_ablation_knobs(config)
+    _validate_method_knobs(config)
     _validate_dense_knn(config)
     _validate_geometry(config)
     _validate_device(config)
     _validate_faults(config)
     _validate_data_source(config)
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_flag(name: str, value: Any) -> None:
+    _require(
+        isinstance(value, bool),
+        f"{name} {value!r} is invalid: it must be true or false",
+    )
+
+
+def _validate_ablation_knobs(config: RunConfig) -> None:
+    _check_choice("pos_embed", config.pos_embed, POS_EMBEDS)
+    _check_choice("pool", config.pool, POOLS)
+    _check_choice("optimizer", config.optimizer, OPTIMIZERS)
+    for name in ("qk_norm", "predictor", "head_bn"):
+        _check_flag(name, getattr(config, name))
+    if config.weight_decay_end is not None:
+        _require(
+            isinstance(config.weight_decay_end, (int, float))
+            and 0 <= config.weight_decay_end < math.inf,
+            f"--weight-decay-end {config.weight_decay_end!r} is invalid: it must be 0 or more",
+        )
+    if config.grad_clip is not None:
+        _check_positive(
+            "grad_clip", config.grad_clip, "the maximum total gradient norm, such as 3.0"
+        )
+
+
+def _validate_method_knobs(config: RunConfig) -> None:
+    method = config.method
+    if method in ("mocov3", "byol", "dino"):
+        _require(
+            0 <= config.momentum <= 1,
+            f"--momentum {config.momentum!r} is invalid: the EMA coefficient must be in [0, 1]",
+        )
+    if method == "byol":
+        _require(
+            config.predictor,
+            "--no-predictor is invalid with --method byol: without its predictor BYOL collapses "
+            "to a constant; drop --no-predictor",
+        )
+    for name in (
+        "freeze_last_layer_epochs",
+        "teacher_temperature_warmup_epochs",
+        "queue_start_epochs",
+    ):
+        value = getattr(config, name)
+        _require(
+            isinstance(value, (int, float)) and 0 <= value < math.inf,
+            f"--{name.replace('_', '-')} {value!r} is invalid: it must be 0 or more epochs",
+        )
+    for name, hint in (
+        ("teacher_temperature", "DINO's teacher softmax temperature, such as 0.07"),
+        ("teacher_temperature_warmup", "DINO's starting teacher temperature, such as 0.04"),
+        ("sinkhorn_epsilon", "SwAV's entropy regularisation, such as 0.05"),
+    ):
+        _check_positive(name, getattr(config, name), hint)
+    _require(
+        0 <= config.center_momentum < 1,
+        f"--center-momentum {config.center_momentum!r} is invalid: it must be in [0, 1)",
+    )
+    _require(
+        _is_whole(config.queue_length) and config.queue_length >= 0,
+        f"--queue-length {config.queue_length!r} is invalid: it must be 0 (no queue) or a "
+        "number of images",
+    )
+    if config.queue_length:
+        _require(
+            config.queue_length % config.batch_size == 0,
+            f"--queue-length {config.queue_length} is invalid: it must be a multiple of "
+            f"--batch-size {config.batch_size}, such as {config.batch_size * 15}",
+        )
+    _require(
+        _is_whole(config.local_crops) and config.local_crops >= 0,
+        f"--local-crops {config.local_crops!r} is invalid: it must be 0 or more crops",
+    )
+    _require(
+        0 < config.local_crop_min_scale < config.local_crop_max_scale <= 1,
+        f"--local-crop-min-scale {config.local_crop_min_scale!r} and --local-crop-max-scale "
+        f"{config.local_crop_max_scale!r} are invalid: they must satisfy 0 < min < max <= 1",
+    )
+    _require(
+        _is_whole(config.attention_every) and config.attention_every >= 0,
+        f"--attention-every {config.attention_every!r} is invalid: it must be 0 (off) or a "
+        "number of optimiser steps",
+    )
 
 
 # The contents of --data-dir for each dataset read from disk, for error messages.
@@ -405,17 +673,30 @@ def _validate_geometry(config: RunConfig) -> None:
     spec = config.model_spec
     # The 2D sin-cos position embedding splits each token's channels into four equal parts.
     _require(
-        spec.embed_dim % 4 == 0,
-        f"model {config.model} has embed_dim {spec.embed_dim}, not divisible by 4",
+        config.pos_embed != "sincos" or spec.embed_dim % 4 == 0,
+        f"model {config.model} has embed_dim {spec.embed_dim}, not divisible by 4, which the "
+        "2D sin-cos position embedding needs; pass --pos-embed learned or none",
     )
+    if config.local_crops and config.local_crop_size is not None:
+        local = config.local_crop_size
+        _require(
+            _is_whole(local) and local >= patch and local % patch == 0,
+            f"--local-crop-size {local!r} is invalid: it must be a multiple of --patch-size "
+            f"{patch}, such as {max(patch, round(img * 96 / 224 / patch) * patch)}",
+        )
 
 
 def _validate_faults(config: RunConfig) -> None:
-    from stabilitylab.models.layers import vit_layer_groups
+    from stabilitylab.models.layers import head_groups, vit_layer_groups
     from stabilitylab.train.faults import check_fault_specs
 
     frozen = {"patch_embed"} if config.freeze_patch_embed else set()
-    layers = vit_layer_groups(config.model_spec.depth)
+    layers = vit_layer_groups(
+        config.model_spec.depth,
+        class_token=config.pool == "cls",
+        learned_pos_embed=config.pos_embed == "learned",
+        heads=head_groups(config.method, config.predictor),
+    )
     check_fault_specs(config.inject_spikes, config.lr_spikes, layers, frozen)
 
 

@@ -319,8 +319,7 @@ def _short_losses(run_dir, dense_every, steps=6):
         for index, batch in enumerate(epoch_loader(data, config, 0, trainer.device)):
             if index == steps:
                 break
-            view1, view2 = trainer.views(batch)
-            trainer.train_step(view1, view2, 0.0, labels=batch[1])
+            trainer.train_step(trainer.views(batch), 0.0, labels=batch[1])
             if trainer.step == 3:
                 trainer.evaluate()
             if trainer.dense_queue is not None:

@@ -92,7 +92,7 @@ GRAD_NORM = "grad_norm"
 TOKEN_GRAD_NORM = "token_grad_norm"
 PATCH_EMBED = "patch_embed"
 # Layer groups after the last block, measured as extra lag targets besides the last block.
-HEAD_LAYERS = ("norm", "projector", "predictor")
+HEAD_LAYERS = ("norm", "projector", "predictor", "prototypes")
 ACCURACY = "knn_top1"
 
 _BLOCK_NAME = re.compile(r"^blocks\.(\d+)$")

@@ -9,11 +9,11 @@
   below that healthy level, which only a collapse reaches.
 - Low effective rank: ``effective_rank`` below ``low_rank_fraction * d``, a dimensional
   collapse in which the features still spread but along very few directions.
-- Chance loss: the MoCo v3 loss is the InfoNCE over the global batch B, scaled by 2 tau and
-  summed over both views, so features that carry no information about the positive give
-  ``4 tau ln(B)``. An evaluation is flagged when the mean loss of the ``chance_window``
-  steps before it is within ``chance_tolerance`` of that value and all of those steps come
-  after the warmup, because the loss starts near chance.
+- Chance loss: features that carry no information about the positive give the method's
+  chance level (:func:`chance_loss`), such as ``4 tau ln(B)`` for MoCo v3. An evaluation
+  is flagged when the mean loss of the ``chance_window`` steps before it is within
+  ``chance_tolerance`` of that value and all of those steps come after the warmup, because
+  the loss starts near chance.
 
 d is the model's embedding width, the dimension of the features the kNN monitor uses.
 """
@@ -122,17 +122,35 @@ def feature_dim(run: Run) -> int | None:
 
 
 def chance_loss(run: Run) -> float | None:
-    """Return the MoCo v3 loss of uninformative features, ``4 tau ln(B)``, or None.
+    """Return the loss of uninformative features for the run's method, or None.
+
+    - MoCo v3: the InfoNCE over the global batch B, scaled by 2 tau and summed over both
+      views, gives ``4 tau ln(B)``.
+    - SimCLR: NT-Xent over the 2B views, each against 2B - 1 candidates, gives
+      ``ln(2B - 1)``.
+    - SwAV and DINO: a uniform prediction over K prototypes (DINO's K outputs) gives
+      ``ln(K)`` against any assignment, and a collapse to uniform outputs sits there.
+    - BYOL regresses features and has no chance level: its collapse drives the loss to 0.
 
     B is the global batch size from the derived values, or the configured batch size. A run
     that does not name its method (one recorded by the monitor or imported) has no known
-    chance level, since the formula holds for the MoCo v3 loss only.
+    chance level.
     """
-    if run.config.get("method") != "mocov3":
-        return None
+    method = run.config.get("method")
     batch = run.derived.get("global_batch_size", run.config.get("batch_size"))
+    if method in ("swav", "dino"):
+        prototypes = run.config.get("num_prototypes")
+        if not _is_number(prototypes) or prototypes < 2:
+            return None
+        return math.log(float(prototypes))
+    if not _is_number(batch) or batch < 2:
+        return None
+    if method == "simclr":
+        return math.log(2.0 * float(batch) - 1.0)
+    if method != "mocov3":
+        return None
     temperature = run.config.get("temperature")
-    if not _is_number(batch) or not _is_number(temperature) or batch < 2 or temperature <= 0:
+    if not _is_number(temperature) or temperature <= 0:
         return None
     return 4.0 * float(temperature) * math.log(float(batch))
 

@@ -42,6 +42,7 @@ _SIMPLE_GROUPS = (
     "norm",
     "projector",
     "predictor",
+    "prototypes",
 )
 
 
@@ -120,7 +121,7 @@ def layer_order_key(group: str) -> tuple[int, int]:
     before = ("patch_embed", "cls_token", "reg_token", "pos_embed")
     if group in before:
         return (0, before.index(group))
-    return (2, ("norm", "projector", "predictor").index(group))
+    return (2, ("norm", "projector", "predictor", "prototypes").index(group))
 
 
 # Name starts of modules that contain an encoder updated by EMA rather than by gradients,
@@ -131,6 +132,7 @@ _HEAD_NAMES = {
     "projection_head": "projector",
     "predictor": "predictor",
     "prediction_head": "predictor",
+    "prototypes": "prototypes",
 }
 
 

@@ -11,13 +11,18 @@ scaled by 2 tau and symmetrised over the two views, so its chance level is about
 from __future__ import annotations
 
 import copy
-import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stabilitylab.methods.base import Method, StepSchedule, cosine_momentum, ema_update, freeze_copy
 from stabilitylab.models.heads import build_mlp
+
+if TYPE_CHECKING:
+    from stabilitylab.config import RunConfig
 
 
 def contrastive_loss(query: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -31,38 +36,74 @@ def contrastive_loss(query: torch.Tensor, key: torch.Tensor, temperature: float)
 
 def momentum_at(step: int, total_steps: int, base_momentum: float) -> float:
     """EMA coefficient rising from ``base_momentum`` at step 0 to 1 along a half cosine."""
-    progress = step / max(total_steps, 1)
-    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - base_momentum)
+    return cosine_momentum(step, total_steps, base_momentum)
 
 
-class MoCoV3(nn.Module):
-    """Online encoder, predictor and momentum encoder; ``forward`` returns the loss."""
+class MoCoV3(Method):
+    """Online encoder, predictor and momentum encoder; ``forward`` returns the loss.
+
+    ``predictor=False`` and ``batch_norm=False`` are the study's ablations: the queries are
+    then the projector outputs, and the heads have no BN.
+    """
 
     def __init__(
-        self, backbone: nn.Module, proj_hidden_dim: int, proj_dim: int, temperature: float
+        self,
+        backbone: nn.Module,
+        proj_hidden_dim: int,
+        proj_dim: int,
+        temperature: float,
+        *,
+        proj_layers: int = 3,
+        predictor: bool = True,
+        batch_norm: bool = True,
+        base_momentum: float = 0.99,
+        schedule: StepSchedule | None = None,
     ) -> None:
         super().__init__()
         embed_dim = backbone.embed_dim
         self.temperature = temperature
+        self.base_momentum = base_momentum
+        self.schedule = schedule
         self.backbone = backbone
-        self.projector = build_mlp(3, embed_dim, proj_hidden_dim, proj_dim)
-        self.predictor = build_mlp(2, proj_dim, proj_hidden_dim, proj_dim)
+        self.projector = build_mlp(
+            proj_layers, embed_dim, proj_hidden_dim, proj_dim, batch_norm=batch_norm
+        )
+        self.predictor = (
+            build_mlp(2, proj_dim, proj_hidden_dim, proj_dim, batch_norm=batch_norm)
+            if predictor
+            else nn.Identity()
+        )
         # The momentum encoder starts as an exact copy, frozen patch projection included.
         self.momentum_backbone = copy.deepcopy(backbone)
         self.momentum_projector = copy.deepcopy(self.projector)
-        for parameter in self._momentum_parameters():
-            parameter.requires_grad_(False)
+        freeze_copy(self.momentum_backbone)
+        freeze_copy(self.momentum_projector)
+
+    @classmethod
+    def from_config(cls, config: RunConfig, backbone: nn.Module, schedule: StepSchedule) -> MoCoV3:
+        return cls(
+            backbone,
+            config.proj_hidden_dim,
+            config.proj_dim,
+            config.temperature,
+            proj_layers=config.proj_layers,
+            predictor=config.predictor,
+            batch_norm=config.head_bn,
+            base_momentum=config.momentum,
+            schedule=schedule,
+        )
 
     def online_modules(self) -> dict[str, nn.Module]:
-        """Return the trained modules by layer-group prefix, for the monitor and the optimiser."""
-        return {"backbone": self.backbone, "projector": self.projector, "predictor": self.predictor}
+        modules: dict[str, nn.Module] = {"backbone": self.backbone, "projector": self.projector}
+        if not isinstance(self.predictor, nn.Identity):
+            modules["predictor"] = self.predictor
+        return modules
+
+    def target_backbones(self) -> dict[str, nn.Module]:
+        return {"momentum_backbone": self.momentum_backbone}
 
     def _momentum_parameters(self) -> list[nn.Parameter]:
         return [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features (the class token after the final norm), (B, embed_dim)."""
-        return self.backbone.forward_head(self.backbone.forward_features(images), pre_logits=True)
 
     def _encode(
         self, backbone: nn.Module, projector: nn.Module, images: torch.Tensor
@@ -72,6 +113,11 @@ class MoCoV3(nn.Module):
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
         return self.loss_and_features(view1, view2)[0]
+
+    def training_loss(
+        self, views: Sequence[torch.Tensor], step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loss_and_features(views[0], views[1])
 
     def loss_and_features(
         self, view1: torch.Tensor, view2: torch.Tensor
@@ -93,6 +139,13 @@ class MoCoV3(nn.Module):
         )
         return loss, pooled1.detach()
 
+    def momentum_at(self, step: int) -> float:
+        total = self.schedule.total_steps if self.schedule is not None else 1
+        return cosine_momentum(step, total, self.base_momentum)
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.update_momentum_encoder(self.momentum_at(step))
+
     @torch.no_grad()
     def update_momentum_encoder(self, momentum: float) -> None:
         """Move each momentum parameter towards its online twin: m * ema + (1 - m) * online.
@@ -100,10 +153,10 @@ class MoCoV3(nn.Module):
         Pairs whose online parameter is frozen are skipped, so a frozen patch projection stays
         bit-identical in the momentum encoder too (an EMA of equal values can drift by an ulp).
         """
-        online = [*self.backbone.parameters(), *self.projector.parameters()]
-        targets = self._momentum_parameters()
-        pairs = [(m, o) for m, o in zip(targets, online, strict=True) if o.requires_grad]
-        if not pairs:
-            return
-        ema = [m for m, _ in pairs]
-        torch._foreach_lerp_(ema, [o for _, o in pairs], 1.0 - momentum)
+        ema_update(
+            [
+                (self.momentum_backbone, self.backbone),
+                (self.momentum_projector, self.projector),
+            ],
+            momentum,
+        )

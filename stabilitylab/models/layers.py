@@ -28,6 +28,11 @@ def group_of_backbone_parameter(name: str) -> str:
     raise ValueError(f"no layer group for backbone parameter {name!r}")
 
 
+# The heads after the backbone's final norm, in flow order. ``prototypes`` is SwAV's
+# prototype layer and DINO's weight-normalised last layer.
+HEAD_GROUPS = ("projector", "predictor", "prototypes")
+
+
 def group_order_key(group: str) -> tuple[int, int]:
     """Sort key that puts groups in the order data flows through the model."""
     order = ["patch_embed", "cls_token", "reg_token", "pos_embed"]
@@ -35,13 +40,37 @@ def group_order_key(group: str) -> tuple[int, int]:
         return (0, order.index(group))
     if group.startswith("blocks."):
         return (1, int(group.split(".")[1]))
-    return (2, ["norm", "projector", "predictor"].index(group))
+    return (2, ["norm", *HEAD_GROUPS].index(group))
 
 
-def vit_layer_groups(depth: int) -> list[str]:
-    """Return the layer-group names of a MoCo v3 ViT with ``depth`` blocks, in flow order."""
+def head_groups(method: str, predictor: bool = True) -> tuple[str, ...]:
+    """Return the head groups of ``method``: a projector, then a predictor or prototypes."""
+    if method in ("swav", "dino"):
+        return ("projector", "prototypes")
+    if method in ("mocov3", "byol") and predictor:
+        return ("projector", "predictor")
+    return ("projector",)
+
+
+def vit_layer_groups(
+    depth: int,
+    *,
+    class_token: bool = True,
+    learned_pos_embed: bool = False,
+    heads: tuple[str, ...] = ("projector", "predictor"),
+) -> list[str]:
+    """Return the layer-group names of a ViT with ``depth`` blocks and ``heads``, in flow order.
+
+    The defaults describe MoCo v3's model: a class token, a fixed position embedding (not a
+    layer) and a projector and predictor.
+    """
     blocks = [f"blocks.{index:02d}" for index in range(depth)]
-    return ["patch_embed", "cls_token", *blocks, "norm", "projector", "predictor"]
+    stem = ["patch_embed"]
+    if class_token:
+        stem.append("cls_token")
+    if learned_pos_embed:
+        stem.append("pos_embed")
+    return [*stem, *blocks, "norm", *heads]
 
 
 def last_block(groups: list[str]) -> str:

@@ -1,7 +1,9 @@
 """The ViT backbone: timm's VisionTransformer with MoCo v3's initialisation.
 
 - Fixed 2D sin-cos position embedding (temperature 10,000; the class token gets a zero
-  position vector), stored as a parameter with ``requires_grad=False``.
+  position vector), stored as a parameter with ``requires_grad=False``. The study's
+  ablations also use a learned table or none, and global average pooling instead of the
+  class token (:func:`build_backbone`).
 - Linear layers Xavier-uniform with Q, K and V initialised as separate matrices (timm's
   ``weight_init="moco"``).
 - Patch projection uniform in +-sqrt(6 / (in_chans * patch_size**2 + embed_dim)), that is
@@ -49,30 +51,56 @@ def _init_patch_projection(proj: nn.Conv2d) -> None:
 
 
 def build_backbone(
-    spec: ModelSpec, img_size: int, patch_size: int, in_chans: int
+    spec: ModelSpec,
+    img_size: int,
+    patch_size: int,
+    in_chans: int,
+    *,
+    pos_embed: str = "sincos",
+    pool: str = "cls",
+    qk_norm: bool = False,
+    dynamic_img_size: bool = False,
 ) -> VisionTransformer:
-    """Build the backbone without a classifier; ``forward_head(x, pre_logits=True)`` pools."""
+    """Build the backbone without a classifier; ``forward_head(x, pre_logits=True)`` pools.
+
+    ``pos_embed`` is ``sincos`` (fixed), ``learned`` (timm's trainable table, truncated
+    normal with std 0.02) or ``none``. ``pool`` ``cls`` pools the class token after the final
+    norm; ``gap`` drops the class token and averages the patch tokens, followed by timm's
+    ``fc_norm``. ``qk_norm`` adds timm's LayerNorm of queries and keys. With
+    ``dynamic_img_size`` the model also takes smaller inputs, such as multi-crop's local
+    crops, and timm resamples the position table to their grid.
+    """
+    class_token = pool == "cls"
     model = VisionTransformer(
         img_size=img_size,
         patch_size=patch_size,
         in_chans=in_chans,
         num_classes=0,
-        global_pool="token",
+        global_pool="token" if class_token else "avg",
         embed_dim=spec.embed_dim,
         depth=spec.depth,
         num_heads=spec.num_heads,
         mlp_ratio=spec.mlp_ratio,
         qkv_bias=True,
-        class_token=True,
-        pos_embed="learn",
+        qk_norm=qk_norm,
+        class_token=class_token,
+        pos_embed="none" if pos_embed == "none" else "learn",
+        dynamic_img_size=dynamic_img_size,
         weight_init="moco",
     )
-    grid = img_size // patch_size
-    table = sincos_2d_position_embedding(grid, spec.embed_dim)
-    cls_position = torch.zeros(1, spec.embed_dim)
-    model.pos_embed = nn.Parameter(torch.cat([cls_position, table])[None], requires_grad=False)
+    if pos_embed == "sincos":
+        grid = img_size // patch_size
+        table = sincos_2d_position_embedding(grid, spec.embed_dim)
+        if class_token:
+            table = torch.cat([torch.zeros(1, spec.embed_dim), table])
+        model.pos_embed = nn.Parameter(table[None], requires_grad=False)
     _init_patch_projection(model.patch_embed.proj)
     return model
+
+
+def fixed_parameters(pos_embed: str) -> tuple[str, ...]:
+    """Return the backbone parameters that never train with this position embedding."""
+    return FIXED_PARAMETERS if pos_embed == "sincos" else ()
 
 
 def patch_embed_parameters(backbone: VisionTransformer) -> list[tuple[str, nn.Parameter]]:

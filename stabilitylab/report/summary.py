@@ -266,9 +266,7 @@ def _differing_keys(runs: Sequence[Run]) -> list[str]:
     configs = [_filled_config(run) for run in runs]
     keys = sorted({k for config in configs for k in config} - set(PAIRING_IGNORED))
     return [
-        k
-        for k in keys
-        if len({json.dumps(config.get(k), default=str) for config in configs}) > 1
+        k for k in keys if len({json.dumps(config.get(k), default=str) for config in configs}) > 1
     ]
 
 

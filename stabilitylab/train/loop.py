@@ -23,11 +23,12 @@ from probes.knn import KnnResult, extract_features, weighted_knn
 from stabilitylab.config import Derived, RunConfig, derive
 from stabilitylab.data import DataBundle, build_data
 from stabilitylab.errors import TrainingError
-from stabilitylab.methods.mocov3 import MoCoV3, momentum_at
+from stabilitylab.methods import build_method
+from stabilitylab.methods.base import Method, StepSchedule
 from stabilitylab.models.layers import named_groups
 from stabilitylab.models.vit import (
-    FIXED_PARAMETERS,
     build_backbone,
+    fixed_parameters,
     freeze_patch_embed,
     patch_embed_parameters,
 )
@@ -58,7 +59,7 @@ from stabilitylab.train.precision import (
 )
 from stabilitylab.train.runlock import RunLock, check_not_in_use
 from stabilitylab.train.sampling import EpochBatches, SeededBatches, ignore_interrupts_in_worker
-from stabilitylab.train.schedules import build_lr_schedule, lr_at
+from stabilitylab.train.schedules import build_lr_schedule, cosine_value, lr_at
 from stabilitylab.train.tensorboard import (
     TensorBoardRunWriter,
     check_tensorboard,
@@ -88,17 +89,44 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(config: RunConfig, derived: Derived) -> MoCoV3:
+def build_model(config: RunConfig, derived: Derived) -> Method:
     """Build the model from the run's seed; the freeze only changes ``requires_grad``."""
     torch.manual_seed(config.seed)
     backbone = build_backbone(
-        config.model_spec, derived.img_size, derived.patch_size, derived.in_chans
+        config.model_spec,
+        derived.img_size,
+        derived.patch_size,
+        derived.in_chans,
+        pos_embed=config.pos_embed,
+        pool=config.pool,
+        qk_norm=config.qk_norm,
+        dynamic_img_size=config.local_crops > 0,
     )
-    model = MoCoV3(backbone, config.proj_hidden_dim, config.proj_dim, config.temperature)
+    schedule = StepSchedule(derived.total_steps, derived.steps_per_epoch)
+    model = build_method(config, backbone, schedule)
     if config.freeze_patch_embed:
         freeze_patch_embed(model.backbone)
-        freeze_patch_embed(model.momentum_backbone)
+        for target in model.target_backbones().values():
+            freeze_patch_embed(target)
     return model
+
+
+def build_optimizer(
+    config: RunConfig, parameters: list[torch.nn.Parameter], lr: float
+) -> torch.optim.Optimizer:
+    """Build timm's ``config.optimizer`` over ``parameters``, weight decay on all of them.
+
+    MoCo v3 applies weight decay to every trainable parameter, biases and norms included.
+    Skipping a non-finite step without a host sync needs the fused AdamW kernel, because it
+    reads a device flag and leaves the weights and the moments unchanged where it is set.
+    Its rounding differs slightly from the default multi-tensor kernel's.
+    """
+    extra: dict[str, Any] = {}
+    if config.optimizer == "adamw" and config.on_nonfinite == "skip":
+        extra["fused"] = True
+    return create_optimizer_v2(
+        parameters, opt=config.optimizer, lr=lr, weight_decay=config.weight_decay, **extra
+    )
 
 
 def parameter_fingerprint(model: torch.nn.Module) -> str:
@@ -161,26 +189,16 @@ class Trainer:
         self.init_fingerprint = parameter_fingerprint(self.model)
 
         # Optimisation: only trainable parameters reach the optimiser.
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        # MoCo v3 applies weight decay to every trainable parameter, biases and norms included.
-        # Skipping a non-finite step without a host sync needs the fused AdamW kernel, because
-        # it reads a device flag and leaves the weights and the moments unchanged where it is
-        # set. Its rounding differs slightly from the default multi-tensor kernel's.
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.skip_nonfinite = config.on_nonfinite == "skip"
-        self.optimizer = create_optimizer_v2(
-            trainable,
-            opt="adamw",
-            lr=derived.lr,
-            weight_decay=config.weight_decay,
-            **({"fused": True} if self.skip_nonfinite else {}),
-        )
+        self.optimizer = build_optimizer(config, self.trainable, derived.lr)
         self.scheduler = build_lr_schedule(
             self.optimizer, derived.total_steps, derived.warmup_steps
         )
         self.scaler = build_scaler(config.precision, device)
 
         # Monitoring, planted faults and the run directory.
-        groups = named_groups(self.model.online_modules(), skip=FIXED_PARAMETERS)
+        groups = named_groups(self.model.online_modules(), skip=fixed_parameters(config.pos_embed))
         self.layer_names = [name for name, _ in groups]
         self.faults = FaultPlan(config.inject_spikes, config.lr_spikes, groups, derived.total_steps)
         self.monitor = TrainingMonitor(
@@ -219,12 +237,12 @@ class Trainer:
     def _frozen_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         if not self.config.freeze_patch_embed:
             return []
-        online = [(f"backbone.{n}", p) for n, p in patch_embed_parameters(self.model.backbone)]
-        momentum = [
-            (f"momentum_backbone.{n}", p)
-            for n, p in patch_embed_parameters(self.model.momentum_backbone)
+        backbones = {"backbone": self.model.backbone, **self.model.target_backbones()}
+        return [
+            (f"{prefix}.{name}", parameter)
+            for prefix, backbone in backbones.items()
+            for name, parameter in patch_embed_parameters(backbone)
         ]
-        return online + momentum
 
     # -- run directory ---------------------------------------------------------------------
 
@@ -330,41 +348,53 @@ class Trainer:
 
     # -- steps -----------------------------------------------------------------------------
 
-    def views(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Move a loader batch to the device as two views, augmenting it there if needed."""
+    def views(self, batch: Any) -> list[torch.Tensor]:
+        """Move a loader batch to the device as its views, augmenting it there if needed.
+
+        Returns the two global views, then any local crops.
+        """
         images = batch[0]
         if self.data.batch_views is not None:
-            return self.data.batch_views(images.to(self.device, non_blocking=True))
-        view1, view2 = images
-        return view1.to(self.device, non_blocking=True), view2.to(self.device, non_blocking=True)
+            return list(self.data.batch_views(images.to(self.device, non_blocking=True)))
+        return [view.to(self.device, non_blocking=True) for view in images]
+
+    def weight_decay_at(self, step: int) -> float:
+        """Return the weight decay of ``step``: constant, or a cosine to weight_decay_end."""
+        end = self.config.weight_decay_end
+        if end is None:
+            return self.config.weight_decay
+        return cosine_value(step, self.derived.total_steps, self.config.weight_decay, end)
 
     def train_step(
         self,
-        view1: torch.Tensor,
-        view2: torch.Tensor,
+        views: list[torch.Tensor],
         epoch: float,
         labels: torch.Tensor | None = None,
     ) -> None:
-        """Run one optimiser step; ``labels`` of the batch feed the dense kNN queue."""
+        """Run one optimiser step on ``views``; ``labels`` of the batch feed the dense kNN queue."""
         if self.dense_queue is not None and labels is None:
             raise ValueError("the dense kNN monitor is on, so train_step needs the batch labels")
         self.scheduler.step_update(num_updates=self.step)
         lr_factor = self.faults.lr_factor(self.step)
-        if lr_factor != 1.0:
-            for group in self.optimizer.param_groups:
-                group["lr"] *= lr_factor
+        weight_decay = self.weight_decay_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] *= lr_factor
+            group["weight_decay"] = weight_decay
         lr = lr_at(self.optimizer)
-        momentum = momentum_at(self.step, self.derived.total_steps, self.config.momentum)
+        momentum = self.model.momentum_at(self.step)
 
         with self.autocast():
-            loss, features = self.model.loss_and_features(view1, view2)
+            loss, features = self.model.training_loss(views, self.step)
         if self.dense_queue is not None:
             self.dense_queue.push(features, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
 
-        # Every norm is measured on unscaled gradients.
+        # Every norm is measured on unscaled gradients, after the method's own changes (a
+        # layer kept out of training has none) and before clipping, so clipping hides no
+        # spike from the monitor.
         self.scaler.unscale_(self.optimizer)
+        self.model.adjust_gradients(self.step)
         self.faults.apply_gradient_spikes(self.step)
         overflow = scaler_overflow(self.scaler, self.optimizer)
         skip = self.monitor.record_gradients(
@@ -373,11 +403,14 @@ class Trainer:
             overflow=overflow if overflow is not None else False,
             skip_nonfinite=self.skip_nonfinite,
         )
+        if self.config.grad_clip is not None:
+            # foreach clipping scales by a device tensor, so it needs no host sync.
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip, foreach=True)
         self.monitor.snapshot_weights()
         optimizer_step(self.optimizer, self.scaler, skip if self.skip_nonfinite else None)
         self.scaler.update()
         self.monitor.record_updates()
-        self.model.update_momentum_encoder(momentum)
+        self.model.after_optimizer_step(self.step)
 
         self.recorder.add(
             HostStep(
@@ -385,7 +418,7 @@ class Trainer:
                 epoch=epoch,
                 lr=lr,
                 momentum=momentum,
-                weight_decay=self.config.weight_decay,
+                weight_decay=weight_decay,
                 wall_time=time.perf_counter() - self.start_time,
             )
         )
@@ -505,7 +538,7 @@ class Trainer:
                 "applies": applies,
                 "passed": passed,
                 "steps": self.step,
-                "optimizer": "adamw",
+                "optimizer": self.config.optimizer,
                 "weight_decay": self.config.weight_decay,
                 "max_abs_diff": max((e["max_abs_diff"] for e in entries), default=0.0),
                 "parameters": entries,
@@ -529,11 +562,9 @@ def _train_epochs(
         start = first_batch if epoch == first_epoch else 0
         loader = epoch_loader(trainer.data, config, epoch, trainer.device, start_batch=start)
         for batch_index, batch in enumerate(loader, start=start):
-            view1, view2 = trainer.views(batch)
+            views = trainer.views(batch)
             labels = batch[1].to(trainer.device, non_blocking=True)
-            trainer.train_step(
-                view1, view2, epoch + batch_index / derived.steps_per_epoch, labels=labels
-            )
+            trainer.train_step(views, epoch + batch_index / derived.steps_per_epoch, labels=labels)
             if trainer.step % config.eval_every == 0 or trainer.step == derived.total_steps:
                 result = trainer.evaluate()
                 if progress is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from timm.scheduler import CosineLRScheduler
 
@@ -27,3 +29,12 @@ def build_lr_schedule(
 
 def lr_at(optimizer: torch.optim.Optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
+
+
+def cosine_value(step: int, total_steps: int, start: float, end: float) -> float:
+    """Return a half cosine from ``start`` at step 0 to ``end`` at ``total_steps``.
+
+    DINO's schedule for the weight decay, 0.04 to 0.4 over training.
+    """
+    progress = min(step / max(total_steps, 1), 1.0)
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
