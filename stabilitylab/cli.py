@@ -20,6 +20,7 @@ from typing import Any
 
 from stabilitylab.config import (
     DATASETS,
+    GRAD_CLIP_MODES,
     METHOD_DEFAULTS,
     METHODS,
     MODELS,
@@ -234,17 +235,24 @@ RUN_OPTIONS = (
     ),
     Option(
         "weight_decay_end",
-        "weight decay at the last step, reached along a cosine from --weight-decay (DINO: 0.4); "
-        "default: constant",
+        "weight decay at the last step, reached along a cosine from --weight-decay (DINO: "
+        "0.4); unset: constant",
         type=finite_float,
         metavar="WD",
     ),
     Option(
         "grad_clip",
-        "clip the total gradient norm to this value before the optimiser step (the monitor "
-        "records the norms before clipping); default: no clipping",
+        "clip the gradient norm to this value before the optimiser step, see "
+        "--grad-clip-mode (the monitor records the norms before clipping); unset: no "
+        "clipping",
         type=finite_float,
         metavar="NORM",
+    ),
+    Option(
+        "grad_clip_mode",
+        "what --grad-clip bounds: the norm of all gradients together, or each parameter "
+        "tensor's own norm (DINO's clipping)",
+        choices=GRAD_CLIP_MODES,
     ),
     Option(
         "num_prototypes",
@@ -897,7 +905,9 @@ def _check_run_target(args: argparse.Namespace) -> None:
         )
     if args.resume is not None and args.overwrite:
         raise ConfigError(
-            "--resume continues the run that is there and --overwrite replaces it; pass one"
+            "--resume continues the run that is there, and --overwrite replaces it with a new "
+            "run built from the preset and the options given, not from the run's config.json; "
+            "pass one"
         )
     every = args.keep_checkpoints_every
     if every is not None and every < 0:
@@ -1097,7 +1107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as interrupt:
         kept = {
             "run": _resume_hint(interrupt),
-            "sweep": "rerun the same command to resume; finished runs are skipped",
+            "sweep": "Rerun the same command to resume; finished runs are skipped",
         }.get(args.command, "")
         print(f"stabilitylab {args.command}: interrupted. {kept}".rstrip(), file=sys.stderr)
         return 128 + getattr(interrupt, "signal_number", signal.SIGINT)
@@ -1107,15 +1117,15 @@ def _resume_hint(interrupt: KeyboardInterrupt) -> str:
     """Say where an interrupted run can be resumed from, with the attributes train_run sets."""
     run_dir = getattr(interrupt, "run_dir", None)
     if run_dir is None:
-        return "training had not started"
+        return "Training had not started"
     step = getattr(interrupt, "checkpoint_step", None)
     if step is None:
         return (
-            f"the metrics so far are kept in {run_dir}, but no checkpoint; stabilitylab run "
+            f"The metrics so far are kept in {run_dir}, but no checkpoint; stabilitylab run "
             f"--resume {run_dir} trains it again from the start"
         )
     return (
-        f"the metrics and a checkpoint at step {step} are kept; continue with stabilitylab run "
+        f"The metrics and a checkpoint at step {step} are kept; continue with stabilitylab run "
         f"--resume {run_dir}"
     )
 

@@ -31,6 +31,9 @@ METHODS = ("mocov3", "simclr", "byol", "swav", "dino")
 POS_EMBEDS = ("sincos", "learned", "none")
 POOLS = ("cls", "gap")
 OPTIMIZERS = ("adamw", "lamb", "lars")
+# Gradient clipping: the norm of all gradients together (torch's clip_grad_norm_), or each
+# parameter tensor's own norm (DINO's clip_gradients).
+GRAD_CLIP_MODES = ("total", "parameter")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Policies at a step whose loss or gradient norm is NaN or infinite: stop the run or skip it.
 NONFINITE_POLICIES = ("stop", "skip")
@@ -92,7 +95,8 @@ class RunConfig:
     qk_norm: bool = False  # timm's LayerNorm of queries and keys in every attention layer
     optimizer: str = "adamw"  # one of OPTIMIZERS, from timm
     weight_decay_end: float | None = None  # None: constant; else cosine from weight_decay
-    grad_clip: float | None = None  # max total gradient norm; None: no clipping
+    grad_clip: float | None = None  # max gradient norm; None: no clipping
+    grad_clip_mode: str = "total"  # one of GRAD_CLIP_MODES
     predictor: bool = True  # MoCo v3 and BYOL: the online predictor MLP
     head_bn: bool = True  # BatchNorm in the projector and predictor MLPs
     proj_layers: int = 3  # linear layers in the projector
@@ -102,7 +106,7 @@ class RunConfig:
     freeze_last_layer_epochs: float = 0.0
     # DINO: teacher softmax temperature, warmed up linearly from teacher_temperature_warmup
     # over teacher_temperature_warmup_epochs; EMA coefficient of the output centre.
-    teacher_temperature: float = 0.07
+    teacher_temperature: float = 0.04
     teacher_temperature_warmup: float = 0.04
     teacher_temperature_warmup_epochs: float = 0.0
     center_momentum: float = 0.9
@@ -222,8 +226,8 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
         "head_bn": True,
         "weight_decay": 0.1,
     },
-    # Chen et al. 2020 (SimCLR): NT-Xent at tau 0.1, a 2-layer 2048 -> 128 projector; the
-    # BN in its hidden layer follows the public code.
+    # Chen et al. 2020 (SimCLR): NT-Xent at tau 0.1 and a 2-layer 2048 -> 128 projector,
+    # with BN after each linear layer as in the public code's head.
     "simclr": {
         "temperature": 0.1,
         "proj_layers": 2,
@@ -257,10 +261,10 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
         "sinkhorn_epsilon": 0.05,
         "weight_decay": 0.1,
     },
-    # Caron et al. 2021 (DINO) and facebookresearch/dino, ViT-S/16 300-epoch recipe: student
-    # tau 0.1, teacher tau 0.04 -> 0.07 over 30 epochs, centre momentum 0.9, 65536 outputs
-    # behind a 3-layer 2048 -> 256 head without BN, last layer frozen for one epoch, teacher
-    # EMA from 0.996, weight decay 0.04 -> 0.4, gradient clipping at 3.0.
+    # Caron et al. 2021 (DINO), the defaults of facebookresearch/dino main_dino.py: student
+    # tau 0.1, teacher tau 0.04 (no warmup), centre momentum 0.9, 65536 outputs behind a
+    # 3-layer 2048 -> 256 head without BN, last layer frozen for one epoch, teacher EMA from
+    # 0.996, weight decay 0.04 -> 0.4, each parameter's gradient clipped to norm 3.0.
     "dino": {
         "temperature": 0.1,
         "momentum": 0.996,
@@ -270,17 +274,18 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
         "head_bn": False,
         "num_prototypes": 65536,
         "freeze_last_layer_epochs": 1.0,
-        "teacher_temperature": 0.07,
+        "teacher_temperature": 0.04,
         "teacher_temperature_warmup": 0.04,
-        "teacher_temperature_warmup_epochs": 30.0,
+        "teacher_temperature_warmup_epochs": 0.0,
         "center_momentum": 0.9,
         "weight_decay": 0.04,
         "weight_decay_end": 0.4,
         "grad_clip": 3.0,
+        "grad_clip_mode": "parameter",
     },
 }
 METHOD_KEYS = tuple(sorted({key for values in METHOD_DEFAULTS.values() for key in values}))
-# Keys that only some methods read; passing one to another method is rejected.
+# Keys that only some methods read. Passing one with another method is rejected.
 METHOD_ONLY_KEYS: dict[str, tuple[str, ...]] = {
     "temperature": ("mocov3", "simclr", "swav", "dino"),
     "momentum": ("mocov3", "byol", "dino"),
@@ -345,7 +350,8 @@ def _check_method_only_keys(method: str, overrides: dict[str, Any]) -> None:
     for key in sorted(overrides):
         readers = METHOD_ONLY_KEYS.get(key)
         if readers is not None and method not in readers:
-            option = "--" + key.replace("_", "-")
+            prefix = "--no-" if overrides[key] is False else "--"
+            option = prefix + key.replace("_", "-")
             raise ConfigError(
                 f"{option} is only read with --method {' or '.join(readers)}, not {method}; "
                 f"drop {option} or pass --method {readers[0]}"
@@ -489,6 +495,7 @@ def _validate_ablation_knobs(config: RunConfig) -> None:
     _check_choice("pos_embed", config.pos_embed, POS_EMBEDS)
     _check_choice("pool", config.pool, POOLS)
     _check_choice("optimizer", config.optimizer, OPTIMIZERS)
+    _check_choice("grad_clip_mode", config.grad_clip_mode, GRAD_CLIP_MODES)
     for name in ("qk_norm", "predictor", "head_bn"):
         _check_flag(name, getattr(config, name))
     if config.weight_decay_end is not None:
@@ -656,6 +663,13 @@ def _validate_geometry(config: RunConfig) -> None:
     _require(
         patch >= 1, f"--patch-size {patch!r} is invalid: it must be a positive number of pixels"
     )
+    if config.local_crops and config.local_crop_size is not None:
+        local = config.local_crop_size
+        _require(
+            _is_whole(local) and local >= patch and local % patch == 0,
+            f"--local-crop-size {local!r} is invalid: it must be a multiple of --patch-size "
+            f"{patch}, such as {max(patch, round(img * 96 / 224 / patch) * patch)}",
+        )
     if config.dataset == "npz" and config.img_size is None:
         return  # the arrays' own size is checked when they are read
     if config.img_size is None and config.dataset in DATASET_IMG_SIZES:
@@ -677,13 +691,6 @@ def _validate_geometry(config: RunConfig) -> None:
         f"model {config.model} has embed_dim {spec.embed_dim}, not divisible by 4, which the "
         "2D sin-cos position embedding needs; pass --pos-embed learned or none",
     )
-    if config.local_crops and config.local_crop_size is not None:
-        local = config.local_crop_size
-        _require(
-            _is_whole(local) and local >= patch and local % patch == 0,
-            f"--local-crop-size {local!r} is invalid: it must be a multiple of --patch-size "
-            f"{patch}, such as {max(patch, round(img * 96 / 224 / patch) * patch)}",
-        )
 
 
 def _validate_faults(config: RunConfig) -> None:

@@ -8,7 +8,8 @@ A run directory contains:
   killed by a signal it could not catch stays ``running``. ``skipped_steps`` lists the
   optimiser steps that were not applied, and a run stopped at a non-finite loss or gradient
   norm has a ``diverged`` object (see :data:`DIVERGED_REASONS`).
-- ``steps/``, ``layers/``, ``evals/``, ``dense_knn/``: one Parquet file per flushed chunk.
+- ``steps/``, ``layers/``, ``evals/``, ``dense_knn/``, ``attention/``: one Parquet file per
+  flushed chunk.
   Each chunk is written to a temporary name and renamed, so a killed run loses at most the
   chunk that was still in memory and never leaves a half-written file behind.
 - ``frozen_check.json``: the end-of-run comparison of frozen parameters with their
@@ -20,7 +21,8 @@ A run directory contains:
 
 Tables, one row per optimiser step (``steps``), per step and layer group (``layers``), per
 evaluation of the validation-split kNN monitor (``evals``) or of the dense kNN monitor
-(``dense_knn``), with the columns listed in :data:`TABLE_COLUMNS`.
+(``dense_knn``), and per attention probe, block and head (``attention``), with the columns
+listed in :data:`TABLE_COLUMNS`.
 """
 
 from __future__ import annotations
@@ -107,6 +109,13 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         "n_bank",  # features in the queue (its fill, at most its size)
         "n_query",  # images evaluated
         "eval_seconds",
+    ),
+    "attention": (
+        "step",  # probed after this many optimiser steps
+        "layer",  # block: blocks.00 ... blocks.NN
+        "head",  # attention head of the block, from 0
+        "entropy",  # attention entropy over the keys / log(keys), mean over queries and images
+        "max_logit",  # largest q.k * scale over the images, queries and keys
     ),
 }
 
@@ -407,7 +416,8 @@ def empty_table(table: str) -> pd.DataFrame:
 class Run:
     """One run directory read into memory: configuration, status and the tables.
 
-    ``dense_knn`` is empty for a run without the dense kNN monitor, older runs included.
+    ``dense_knn`` is empty for a run without the dense kNN monitor, and ``attention`` for a
+    run without attention probes, older runs included.
     :func:`stabilitylab.load_run` returns a subclass that adds the detected events.
     """
 
@@ -422,6 +432,7 @@ class Run:
     frozen_check: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
     dense_knn: pd.DataFrame = field(default_factory=lambda: empty_table("dense_knn"))
+    attention: pd.DataFrame = field(default_factory=lambda: empty_table("attention"))
 
     @property
     def name(self) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import CIFAR10
 from torchvision.transforms.v2 import functional as TF
 
@@ -24,7 +24,12 @@ from stabilitylab.config import build_config
 from stabilitylab.data import build_data, folder
 from stabilitylab.data.augment import recipe_batch_two_view, shift_hue
 from stabilitylab.data.cifar import LAYOUTS, CifarLayout
-from stabilitylab.data.images import to_rgb
+from stabilitylab.data.images import (
+    UnreadableImagesError,
+    UnsupportedImageError,
+    decode_rgb,
+    to_rgb,
+)
 from stabilitylab.data.skipped import read_skipped_images
 from stabilitylab.errors import ConfigError, DataError
 from stabilitylab.runs import SKIPPED_IMAGES_FILE, prepare_run_dir
@@ -217,6 +222,62 @@ def test_cifar_pickle_code_not_run(tmp_path):
     assert not marker.exists()
 
 
+def rewrite_batch(batches: Path, name: str, protocol: int = 2, **changes) -> None:
+    batch = pickle.loads((batches / name).read_bytes())
+    batch.update(changes)
+    (batches / name).write_bytes(pickle.dumps(batch, protocol=protocol))
+
+
+@pytest.mark.parametrize(
+    ("labels", "found"),
+    [
+        ([0.7] * 26, "the value 0.7 (float)"),
+        (["3"] * 26, "the value '3' (str)"),
+        ([True] * 26, "the value True (bool)"),
+        (np.full(26, 1.5), "a float64 array of shape (26,)"),
+        (np.ones(26, bool), "a bool array of shape (26,)"),
+    ],
+)
+def test_cifar_non_integer_labels_rejected(tmp_path, labels, found):
+    batches = write_cifar(tmp_path)
+    rewrite_batch(batches, "data_batch_2", labels=labels)
+    config = build_config("digits", dataset="cifar10", data_dir=str(tmp_path))
+    with pytest.raises(DataError) as error:
+        build_data(config)
+    assert "data_batch_2: 'labels' is not a list of integers" in str(error.value)
+    assert found in str(error.value)
+
+
+def test_cifar_integer_label_array_read(tmp_path):
+    batches = write_cifar(tmp_path)
+    rewrite_batch(batches, "data_batch_2", labels=np.arange(26, dtype=np.int32) % 10)
+    data = build_data(build_config("digits", dataset="cifar10", data_dir=str(tmp_path)))
+    assert data.train[26 + 13][1] == 3
+
+
+def test_cifar_protocol5_batch_read(tmp_path):
+    batches = write_cifar(tmp_path)
+    expected = pickle.loads((batches / "data_batch_4").read_bytes())["data"][0]
+    rewrite_batch(batches, "data_batch_4", protocol=5)
+    data = build_data(build_config("digits", dataset="cifar10", data_dir=str(tmp_path)))
+    image, _ = data.train[3 * 26]
+    assert torch.equal(image.flatten(), torch.from_numpy(expected))
+
+
+def test_cifar_empty_batches(tmp_path):
+    batches = write_cifar(tmp_path)
+    empty = {"data": np.zeros((0, 3072), np.uint8), "labels": []}
+    rewrite_batch(batches, "data_batch_5", **empty)
+    data = build_data(build_config("digits", dataset="cifar10", data_dir=str(tmp_path)))
+    assert len(data.train) == 4 * 26
+    rewrite_batch(batches, "test_batch", **empty)
+    with pytest.raises(DataError) as error:
+        build_data(build_config("digits", dataset="cifar10", data_dir=str(tmp_path)))
+    assert "the validation split of" in str(error.value)
+    assert "is empty" in str(error.value)
+    assert "--val-split" not in str(error.value)
+
+
 def test_cifar_missing_dir_suggests_download(tmp_path):
     config = build_config("digits", dataset="cifar10", data_dir=str(tmp_path / "none"))
     with pytest.raises(DataError, match="does not exist; pass --download"):
@@ -279,6 +340,37 @@ def test_mnist_truncated_idx(tmp_path):
     path.write_bytes(path.read_bytes()[:1000])
     config = build_config("digits", dataset="mnist", data_dir=str(tmp_path))
     with pytest.raises(DataError, match="train-images-idx3-ubyte is truncated"):
+        build_data(config)
+
+
+def test_mnist_wrong_magic_named(tmp_path):
+    raw = write_mnist(tmp_path)
+    path = raw / "t10k-images-idx3-ubyte"
+    path.write_bytes((1234).to_bytes(4, "big") + path.read_bytes()[4:])
+    config = build_config("digits", dataset="mnist", data_dir=str(tmp_path))
+    with pytest.raises(DataError) as error:
+        build_data(config)
+    assert "t10k-images-idx3-ubyte starts with the magic number 0x000004d2" in str(error.value)
+    assert "starts with 0x00000803" in str(error.value)
+    assert "AssertionError" not in str(error.value)
+
+
+def test_mnist_header_truncated_named(tmp_path):
+    raw = write_mnist(tmp_path)
+    (raw / "train-labels-idx1-ubyte").write_bytes(b"\0\0\x08")
+    config = build_config("digits", dataset="mnist", data_dir=str(tmp_path))
+    with pytest.raises(DataError) as error:
+        build_data(config)
+    assert "is 3 bytes, shorter than the 8-byte header of an IDX labels file" in str(error.value)
+    assert "AssertionError" not in str(error.value)
+
+
+def test_mnist_extra_bytes_named(tmp_path):
+    raw = write_mnist(tmp_path)
+    path = raw / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes() + b"\0" * 10)
+    config = build_config("digits", dataset="mnist", data_dir=str(tmp_path))
+    with pytest.raises(DataError, match="has bytes after its data: its header declares 40 x 28"):
         build_data(config)
 
 
@@ -386,8 +478,70 @@ def test_npz_object_array_rejected(tmp_path):
     arrays = {**npz_arrays(), "x_train": np.array([None] * 24, dtype=object)}
     path = tmp_path / "d.npz"
     np.savez(path, **arrays)
-    with pytest.raises(DataError, match="cannot be read as a NumPy .npz file"):
+    with pytest.raises(DataError) as error:
         build_data(npz_config(path))
+    assert "x_train is an object array, which only pickle can load" in str(error.value)
+    assert "allow_pickle" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "found"),
+    [
+        (b"", "it is empty"),
+        (b"x_train,y_train\n1,2\n", "it starts with the bytes b'x_trai'"),
+        (pickle.dumps({"x_train": [1]}), "it starts with the bytes"),
+    ],
+)
+def test_npz_not_a_zip_named(tmp_path, content, found):
+    path = tmp_path / "d.npz"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as error:
+        build_data(npz_config(path))
+    assert f"{path} is not a NumPy .npz file: {found}" in str(error.value)
+    assert "allow_pickle" not in str(error.value)
+    assert "pickled" not in str(error.value)
+
+
+def test_npz_single_array_named(tmp_path):
+    path = tmp_path / "d.npz"
+    with open(path, "wb") as handle:
+        np.save(handle, np.zeros((4, 8, 8), np.uint8))
+    with pytest.raises(DataError, match=r"contains one array \(a .npy file\)"):
+        build_data(npz_config(path))
+
+
+def test_npz_val_labels_unknown_rejected(tmp_path):
+    arrays = {**npz_arrays(), "y_val": np.array([0, 1, 2, 5, 7, 7, 0, 1])}
+    with pytest.raises(DataError) as error:
+        build_data(npz_config(write_npz(tmp_path / "d.npz", **arrays)))
+    assert "y_val has 2 labels that no training image has (5, 7)" in str(error.value)
+
+
+def test_npz_label_gaps_logged(tmp_path, caplog):
+    arrays = npz_arrays()
+    arrays["y_train"] = arrays["y_train"] * 10  # 0, 10, 20
+    arrays["y_val"] = arrays["y_val"] * 10
+    with caplog.at_level(logging.WARNING, logger="stabilitylab.data.npz"):
+        data = build_data(npz_config(write_npz(tmp_path / "d.npz", **arrays)))
+    assert data.num_classes == 21
+    assert "the labels run from 0 to 20, so the run has 21 classes" in caplog.text
+    assert "18 of them have no training image" in caplog.text
+
+
+def test_npz_contiguous_labels_not_logged(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="stabilitylab.data.npz"):
+        build_data(npz_config(write_npz(tmp_path / "d.npz", **npz_arrays())))
+    assert caplog.text == ""
+
+
+def test_npz_val_size_difference_logged(tmp_path, caplog):
+    arrays = npz_arrays()
+    arrays["x_val"] = np.zeros((8, 24, 24), np.uint8)
+    with caplog.at_level(logging.WARNING, logger="stabilitylab.data.npz"):
+        data = build_data(npz_config(write_npz(tmp_path / "d.npz", **arrays)))
+    assert data.knn_query[0][0].shape == (1, 16, 16)
+    assert "the x_val images are 24x24 px and the x_train images 16x16 px" in caplog.text
+    assert "centre-cropped to 16 px" in caplog.text
 
 
 # -- image folders -----------------------------------------------------------------------------
@@ -471,6 +625,77 @@ def test_folder_bad_images_named(tmp_path):
     assert "truncated" in message
     assert "not in an image format PIL can read" in message
     assert "--skip-bad-images" in message
+
+
+def test_folder_bad_images_of_both_splits_named(tmp_path):
+    root = write_folder(tmp_path)
+    bad = write_bad_images(root / "train" / "cat")
+    (root / "val" / "dog" / "text.jpg").write_text("not an image either")
+    with pytest.raises(UnreadableImagesError) as error:
+        build_data(folder_config(root))
+    message = str(error.value)
+    assert "4 image files cannot be read, 3 of the train split and 1 of the val split" in message
+    for path in [*bad, root / "val" / "dog" / "text.jpg"]:
+        assert str(path) in message
+    assert len(error.value.files) == 4
+
+
+def test_folder_bad_images_on_resume(tmp_path):
+    root = write_folder(tmp_path)
+    write_bad_images(root / "train" / "cat")
+    with pytest.raises(UnreadableImagesError) as error:
+        build_data(folder_config(root))
+    message = str(error.value.for_resume())
+    assert "replace them with readable images and resume again" in message
+    assert "A resumed run cannot add --skip-bad-images" in message
+    assert "or pass --skip-bad-images" not in message
+
+
+def test_streamed_bad_image_on_resume(tmp_path, monkeypatch):
+    monkeypatch.setattr(folder, "IN_MEMORY_MAX_BYTES", 0)
+    root = write_folder(tmp_path)
+    broken = root / "train" / "dog" / "broken.png"
+    broken.write_bytes(b"not a png")
+    data = build_data(folder_config(root))
+    data.mark_resumed()
+    index = [path for path, _ in data.train.samples].index(str(broken))
+    with pytest.raises(DataError) as error:
+        next(iter(DataLoader(Subset(data.train, [index]), batch_size=1, num_workers=1)))
+    message = str(error.value).strip().splitlines()[-1]
+    assert "broken.png cannot be read" in message
+    assert "replace it with a readable image and resume again" in message
+    assert "or pass --skip-bad-images" not in message
+
+
+def test_folder_entries_outside_classes_logged(tmp_path, caplog):
+    root = write_folder(tmp_path)
+    Image.new("RGB", (24, 24)).save(root / "train" / "loose.png")
+    (root / "train" / "README").write_text("class folders below")
+    Image.new("RGB", (24, 24)).save(root / "loose_root.png")
+    write_tree(root / "test", classes=("cat",), per_class=1)
+    (root / ".cache").mkdir()
+    with caplog.at_level(logging.WARNING, logger="stabilitylab.data.folder"):
+        data = build_data(folder_config(root))
+    assert len(data.train) == 12
+    lines = [record.getMessage() for record in caplog.records]
+    outside = [line for line in lines if "outside the class folders" in line]
+    assert len(outside) == 1
+    assert "ignored 4 entries outside the class folders" in outside[0]
+    assert str(root / "loose_root.png") in outside[0]
+    assert str(root / "test") in outside[0]
+    assert ".cache" not in outside[0]
+    assert "4 entries outside class folders ignored" in data.description
+
+
+def test_val_split_tree_loose_files_logged(tmp_path, caplog):
+    write_tree(tmp_path, classes=("a", "b"), per_class=4)
+    Image.new("RGB", (24, 24)).save(tmp_path / "loose.png")
+    with caplog.at_level(logging.WARNING, logger="stabilitylab.data.folder"):
+        build_data(folder_config(tmp_path, val_split=0.25))
+    assert (
+        f"ignored 1 entry outside the class folders, such as {tmp_path / 'loose.png'}"
+        in caplog.text
+    )
 
 
 def test_folder_skip_bad_images_listed(tmp_path):
@@ -628,6 +853,51 @@ def test_modes_become_rgb():
     assert to_rgb(sixteen).getpixel((0, 0)) == (255, 255, 255)
     sixteen = Image.fromarray(np.full((2, 2), 257 * 40, np.uint16))
     assert to_rgb(sixteen).getpixel((0, 0)) == (40, 40, 40)
+
+
+def test_float_image_scaled_from_unit_range():
+    pixels = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
+    rgb = np.asarray(to_rgb(Image.fromarray(pixels)))
+    assert rgb.shape == (4, 4, 3)
+    assert rgb[0, 0, 0] == 0
+    assert rgb[3, 3, 0] == 255
+    assert rgb[1, 3, 0] == round(7 / 15 * 255)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "message"),
+    [
+        (np.full((4, 4), 200, np.int32), "32-bit integer pixels in PIL mode I"),
+        (np.full((4, 4), 2.5, np.float32), "float pixels in PIL mode F from 2.5 to 2.5"),
+        (np.full((4, 4), np.nan, np.float32), "NaN or infinite"),
+    ],
+)
+def test_wide_images_without_scale_rejected(pixels, message):
+    with pytest.raises(UnsupportedImageError, match=message):
+        to_rgb(Image.fromarray(pixels))
+
+
+def test_pgm_sixteen_bit_scaled(tmp_path):
+    path = tmp_path / "deep.pgm"
+    values = np.array([[0, 4095], [2048, 1024]], dtype=">u2")
+    path.write_bytes(b"P5\n2 2\n4095\n" + values.tobytes())
+    decoded = decode_rgb(str(path))
+    assert Image.open(path).mode == "I"  # how PIL 13 opens a PGM file deeper than 8 bits
+    assert np.asarray(decoded.image)[:, :, 0].tolist() == [[0, 255], [128, 64]]
+
+
+def test_folder_wide_modes(tmp_path):
+    root = write_folder(tmp_path)
+    target = root / "train" / "cat"
+    Image.fromarray(np.full((24, 24), 0.5, np.float32)).save(target / "float.tif")
+    Image.fromarray(np.full((24, 24), 200, np.int32)).save(target / "int32.tif")
+    with pytest.raises(UnreadableImagesError) as error:
+        build_data(folder_config(root))
+    assert [path for _, path, _ in error.value.files] == [str(target / "int32.tif")]
+    data = build_data(folder_config(root, skip_bad_images=True))
+    paths = sorted(str(path) for path in target.iterdir() if path.name != "int32.tif")
+    image = data.train.images[paths.index(str(target / "float.tif"))]
+    assert image.unique().tolist() == [128]
 
 
 def test_folder_mixed_modes_decoded(tmp_path):

@@ -271,6 +271,103 @@ def test_kept_checkpoints_load(reference):
     assert set(state["rng"]) == {"torch", "numpy", "python"}
 
 
+# -- damaged chunks and missing checkpoints --------------------------------------------------
+
+
+def chunk_with_step(table_dir: Path, step: int) -> Path:
+    return next(
+        chunk
+        for chunk in sorted(table_dir.glob("part-*.parquet"))
+        if step in set(pd.read_parquet(chunk)["step"])
+    )
+
+
+def truncate_file(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_damaged_steps_chunk_falls_back(reference, stopped_copy, monkeypatch, caplog):
+    # checkpoint.pt is at step 18; the chunk of steps 13 and 14 is lost before it.
+    truncate_file(chunk_with_step(stopped_copy / "steps", 13))
+    use_data(small_digits, monkeypatch)
+    with caplog.at_level("WARNING", logger="stabilitylab.train.resume"):
+        result = resume.resume_training(stopped_copy, show_progress=False)
+    assert "the rows of steps 13 to 14 are missing" in caplog.text
+    assert "resuming from checkpoint-000010.pt at step 10 instead of checkpoint.pt" in caplog.text
+    assert "lies after the checkpoint" not in caplog.text
+    assert result.steps == SMALL_STEPS
+    resumes = json.loads((stopped_copy / "config.json").read_text())["resumes"]
+    assert [entry["step"] for entry in resumes] == [10]
+    assert_same_tables(stopped_copy, reference)
+    assert_same_weights(stopped_copy, reference)
+
+
+def test_damaged_steps_chunk_without_older_checkpoint(stopped_copy):
+    damaged = chunk_with_step(stopped_copy / "steps", 3)
+    truncate_file(damaged)
+    before = {path: path.stat().st_mtime_ns for path in stopped_copy.rglob("*")}
+    with pytest.raises(RunDirError) as error:
+        resume.resume_training(stopped_copy, show_progress=False)
+    message = str(error.value)
+    assert "the rows of steps 3 to 4 are missing" in message
+    assert f"(steps/{damaged.name} cannot be read)" in message
+    assert "No kept checkpoint-NNNNNN.pt precedes the rows that are missing" in message
+    assert "move checkpoint.pt and any checkpoint-NNNNNN.pt out of" in message
+    assert "--overwrite instead starts a new run from the preset" in message
+    assert {path: path.stat().st_mtime_ns for path in stopped_copy.rglob("*")} == before
+
+
+def test_damaged_evals_chunk_counted_as_lost(stopped_copy, monkeypatch, caplog):
+    damaged = chunk_with_step(stopped_copy / "evals", 16)  # before the checkpoint at 18
+    truncate_file(damaged)
+    use_data(small_digits, monkeypatch)
+    with caplog.at_level("INFO", logger="stabilitylab.train.resume"):
+        resume.resume_training(stopped_copy, show_progress=False)
+    assert f"evals/{damaged.name}" in caplog.text
+    assert "evals rows after step 12 and before step 18" in caplog.text
+    assert "so the evals table lacks them" in caplog.text
+    assert "rows lost in damaged chunks: evals an unknown number (1 chunk)" in caplog.text
+    assert damaged.exists()
+    run = read_run(stopped_copy)
+    assert list(run.evals["step"]) == [0, 4, 8, 12, 18]
+    assert any("rows of steps 13 to 17 are missing" in warning for warning in run.warnings)
+
+
+def test_missing_checkpoints_warn_and_restart(reference, stopped_copy, monkeypatch, caplog):
+    status = {"state": "interrupted", "step": 10, "checkpoint_step": 10}
+    (stopped_copy / "status.json").write_text(json.dumps(status))
+    for path in stopped_copy.glob("checkpoint*.pt"):
+        path.unlink()
+    use_data(small_digits, monkeypatch)
+    with caplog.at_level("WARNING", logger="stabilitylab.train.resume"):
+        resume.resume_training(stopped_copy, show_progress=False)
+    warnings = [record for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "status.json records a checkpoint at step 10" in warnings[0].getMessage()
+    assert "trains again from step 0" in warnings[0].getMessage()
+    assert_same_tables(stopped_copy, reference)
+
+
+def test_unloadable_checkpoint_reason_is_safe(stopped_copy, caplog):
+    (stopped_copy / "checkpoint.pt").write_text("not a checkpoint\n")
+
+    class Payload:
+        def __reduce__(self):
+            return (os.getpid, ())
+
+    torch.save({"step": 10, "model": {}, "extra": Payload()}, stopped_copy / "checkpoint-000010.pt")
+    with caplog.at_level("WARNING", logger="stabilitylab.train.resume"):
+        with pytest.raises(RunDirError) as error:
+            resume.resume_training(stopped_copy, show_progress=False)
+    message = str(error.value)
+    for text in (message, caplog.text):
+        assert "weights_only" not in text
+        assert "Re-running" not in text
+    assert "weights-only loading rejected it: Unsupported operand" in message
+    assert "weights-only loading rejected it: Trying to load unsupported GLOBAL" in message
+    assert "move checkpoint.pt and any checkpoint-NNNNNN.pt out of" in message
+
+
 # -- what a resume accepts -------------------------------------------------------------------
 
 
@@ -310,6 +407,41 @@ def test_existing_run_needs_resume_or_overwrite(stopped_copy):
 def test_resume_with_out_rejected(stopped_copy, capsys):
     assert run_cli_here(["run", "--resume", str(stopped_copy), "--out", "x"]) == 2
     assert "names the run directory already, so drop --out" in capsys.readouterr().err
+
+
+def test_resume_with_overwrite_explains_both(stopped_copy, capsys):
+    assert run_cli_here(["run", "--resume", str(stopped_copy), "--overwrite"]) == 2
+    error = capsys.readouterr().err
+    assert "--overwrite replaces it with a new run built from the preset and the options" in error
+    assert "not from the run's config.json" in error
+
+
+def test_resume_other_preset_lists_keys(stopped_copy, capsys):
+    # The preset is an image-folder one, invalid without --data-dir; the comparison comes first.
+    assert run_cli_here(["run", "--resume", str(stopped_copy), "--preset", "mocov3-vit-small"]) == 2
+    error = capsys.readouterr().err
+    assert "the options differ from the run's configuration" in error
+    assert "dataset 'digits' in the run, 'imagefolder' now" in error
+    assert "preset 'digits' in the run, 'mocov3-vit-small' now" in error
+    assert "needs --data-dir" not in error
+
+
+def test_resume_error_lists_mutable_options(stopped_copy):
+    with pytest.raises(ConfigError) as error:
+        resume.resume_training(stopped_copy, {"lr": 0.5})
+    listed = str(error.value).split("only ")[-1]
+    for field in resume.MUTABLE_FIELDS:
+        assert f"--{field.replace('_', '-')}" in listed
+    assert "--keep-checkpoints-every" in listed
+
+
+def test_interrupted_message_sentences(tmp_path, monkeypatch, capsys):
+    use_data(small_digits, monkeypatch)
+    interrupt_at(monkeypatch, step=2)
+    out = tmp_path / "stopped"
+    assert run_cli_here(["run", "--out", str(out), "--quiet", *SMALL_ARGS]) == 130
+    error = capsys.readouterr().err
+    assert "interrupted. The metrics and a checkpoint at step 3 are kept" in error
 
 
 def test_resume_diverged_run_rejected(stopped_copy):
@@ -365,15 +497,77 @@ def test_truncate_trims_and_drops(tmp_path):
 def test_truncate_damaged_before_checkpoint(tmp_path):
     write_chunks(tmp_path, [range(0, 5), range(5, 10), range(10, 12)])
     (tmp_path / "steps" / "part-000000.parquet").write_bytes(b"PAR1 damaged")
-    with pytest.raises(RunDirError, match="lies before the checkpoint"):
+    with pytest.raises(RunDirError) as error:
         resume.truncate_tables(tmp_path, step=7, has_checkpoint=True, layers_per_step=0)
+    message = str(error.value)
+    assert "the rows of steps 0 to 4 are missing" in message
+    assert "(steps/part-000000.parquet cannot be read)" in message
+    assert "lies after" not in message
     assert len(list((tmp_path / "steps").iterdir())) == 3  # nothing was changed
+
+
+def test_truncate_damaged_step_chunk_after_checkpoint(tmp_path, caplog):
+    write_chunks(tmp_path, [range(0, 5), range(5, 10), range(10, 12)])
+    damaged = tmp_path / "steps" / "part-000002.parquet"
+    damaged.write_bytes(b"PAR1 damaged")
+    with caplog.at_level("WARNING", logger="stabilitylab.train.resume"):
+        resume.truncate_tables(tmp_path, step=10, has_checkpoint=True, layers_per_step=0)
+    assert not damaged.exists()
+    assert "steps/part-000002.parquet (12 bytes, row count unknown) cannot be read" in caplog.text
+    assert "the other chunks hold the rows of all 10 steps before the checkpoint" in caplog.text
+    assert list(read_run(tmp_path).steps["step"]) == list(range(10))
+
+
+def test_truncate_damaged_evals_chunk_kept_as_lost(tmp_path, caplog):
+    write_chunks(tmp_path, [range(0, 16)])
+    write_chunks(tmp_path, [[0], [4], [8], [12], [16]], table="evals")
+    damaged = tmp_path / "evals" / "part-000002.parquet"  # step 8, before the checkpoint
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with caplog.at_level("WARNING", logger="stabilitylab.train.resume"):
+        dropped = resume.truncate_tables(tmp_path, step=12, has_checkpoint=True, layers_per_step=0)
+    assert damaged.exists()  # left in place, so readers of the run see the gap
+    assert dropped["evals"] == 1  # step 16
+    assert "contains evals rows after step 4 and before step 12" in caplog.text
+    assert "all at or before step 12, which the checkpoint covers" in caplog.text
+    assert "cannot be measured again, so the evals table lacks them" in caplog.text
+    assert "after the checkpoint" not in caplog.text
+    run = read_run(tmp_path)
+    assert list(run.evals["step"]) == [0, 4, 12]
+    assert "rows of steps 5 to 11 are missing from the table" in run.warnings[0]
+
+
+def test_truncate_damaged_last_evals_chunk(tmp_path, caplog):
+    write_chunks(tmp_path, [range(0, 12)])
+    write_chunks(tmp_path, [[0], [4], [8], [12]], table="evals")
+    damaged = tmp_path / "evals" / "part-000003.parquet"  # step 12, no later chunk bounds it
+    damaged.write_bytes(b"PAR1 damaged")
+    with caplog.at_level("WARNING", logger="stabilitylab.train.resume"):
+        resume.truncate_tables(tmp_path, step=10, has_checkpoint=True, layers_per_step=0)
+    assert damaged.exists()
+    assert "evals rows after step 8" in caplog.text
+    assert "Any of them at or before step 10, which the checkpoint covers" in caplog.text
+    assert "the evals table may lack them" in caplog.text
+
+
+def test_truncate_damaged_evals_after_checkpoint(tmp_path, caplog):
+    write_chunks(tmp_path, [range(0, 12)])
+    write_chunks(tmp_path, [[0], [4], [8], [12]], table="evals")
+    damaged = tmp_path / "evals" / "part-000003.parquet"
+    damaged.write_bytes(b"PAR1 damaged")
+    with caplog.at_level("WARNING", logger="stabilitylab.train.resume"):
+        resume.truncate_tables(tmp_path, step=8, has_checkpoint=True, layers_per_step=0)
+    assert not damaged.exists()
+    assert "its rows lie after step 8, after the checkpoint at step 8" in caplog.text
+    assert list(read_run(tmp_path).evals["step"]) == [0, 4, 8]
 
 
 def test_truncate_missing_rows_rejected(tmp_path):
     write_chunks(tmp_path, [range(0, 5), range(6, 10)])
-    with pytest.raises(RunDirError, match="contains 7 rows for the 8 steps"):
+    with pytest.raises(RunDirError, match="contains 7 rows for the 8 steps") as error:
         resume.truncate_tables(tmp_path, step=8, has_checkpoint=True, layers_per_step=0)
+    assert "the rows of step 5 are missing" in str(error.value)
+    assert "move checkpoint.pt and any checkpoint-NNNNNN.pt out of" in str(error.value)
+    assert "Pass --overwrite to train" not in str(error.value)
 
 
 def test_reader_truncated_last_chunk(tmp_path):

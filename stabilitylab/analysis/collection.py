@@ -60,12 +60,12 @@ class RunSet(list[RunData]):
     def table(self, name: str) -> pd.DataFrame:
         """Stack one frame of every run, led by the columns of :data:`LEAD_COLUMNS`.
 
-        ``name`` is ``steps``, ``layers``, ``evals``, ``dense_knn`` or ``events``. The lead
-        columns are ``run`` (the run's label from :attr:`labels`), ``arm``, ``seed``,
-        ``run_lr`` (the configured base lr) and ``run_batch_size``. The ``run_`` prefix keeps
-        them apart from table columns such as the per-step ``lr`` of ``steps``. Raises
-        ConfigError for another name, and RunDirError for a stored table that has a column
-        of a lead name.
+        ``name`` is ``steps``, ``layers``, ``evals``, ``dense_knn``, ``attention`` or
+        ``events``. The lead columns are ``run`` (the run's label from :attr:`labels`),
+        ``arm``, ``seed``, ``run_lr`` (the configured base lr) and ``run_batch_size``. The
+        ``run_`` prefix keeps them apart from table columns such as the per-step ``lr`` of
+        ``steps``. Raises ConfigError for another name, and RunDirError for a stored table
+        that has a column of a lead name.
         """
         if name not in STACKABLE:
             raise ConfigError(

@@ -1,8 +1,8 @@
 """Runs side by side: one row per run, and frozen-minus-learned differences paired by seed.
 
 Runs are paired as the report pairs them (:func:`stabilitylab.report.summary.pair_arms`):
-a learned and a frozen run whose configurations are equal, seed included, apart from the
-arm and bookkeeping settings. Accuracies are kNN top-1 in percent, their differences in
+a learned and a frozen run whose configurations are equal, seed and method included, apart
+from the arm and bookkeeping settings. Accuracies are kNN top-1 in percent, their differences in
 points, delays in optimiser steps.
 """
 
@@ -22,7 +22,7 @@ from stabilitylab.detect import GRAD_NORM, LOSS
 from stabilitylab.detect.verdict import HiddenCost, hidden_costs
 from stabilitylab.report.diagnosis import twin_key
 from stabilitylab.report.statistics import mean_interval
-from stabilitylab.report.summary import ArmPair, pair_arms, run_labels
+from stabilitylab.report.summary import ArmPair, pair_arms, run_labels, run_method
 from stabilitylab.runs import Run
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ COMPARE_COLUMNS = (
     "run",
     "name",
     "arm",
+    "method",
     "seed",
     "lr",
     "peak_lr",
@@ -101,13 +102,14 @@ def compare_runs(runs: Runs) -> pd.DataFrame:
 
     ``runs`` is a RunSet, a list of RunData, or anything :func:`load_runs` reads. Columns
     (:data:`COMPARE_COLUMNS`): ``run`` (distinct label), ``name`` (folder name), ``arm``,
-    ``seed``, ``lr`` (base lr per 256 images), ``peak_lr`` (after batch scaling),
-    ``batch_size``, ``state``, ``steps`` (recorded), ``total_steps`` (planned),
-    ``final_top1`` and ``best_top1`` (%), ``dips``, ``deepest_dip`` and ``dip_depth`` (the
-    deepest and the summed dip depth, points), ``grad_spikes`` (total gradient norm),
-    ``first_layer_spikes``, ``loss_spikes``, ``median_delay`` (first layer to last block,
-    steps), ``verdict``, ``hidden_cost_best`` and ``hidden_cost_final`` (the stable twin's
-    kNN top-1 minus this run's, NaN without a stable twin) and ``path``.
+    ``method`` (None for an import that records none), ``seed``, ``lr`` (base lr per 256
+    images), ``peak_lr`` (after batch scaling), ``batch_size``, ``state``, ``steps``
+    (recorded), ``total_steps`` (planned), ``final_top1`` and ``best_top1`` (%), ``dips``,
+    ``deepest_dip`` and ``dip_depth`` (the deepest and the summed dip depth, points),
+    ``grad_spikes`` (total gradient norm), ``first_layer_spikes``, ``loss_spikes``,
+    ``median_delay`` (first layer to last block, steps), ``verdict``, ``hidden_cost_best``
+    and ``hidden_cost_final`` (the stable twin's kNN top-1 minus this run's, NaN without a
+    stable twin) and ``path``.
     """
     items = as_run_data(runs)
     verdicts = [run.detection.verdict for run in items]
@@ -126,6 +128,7 @@ def _compare_row(run: RunData, label: str, cost: HiddenCost | None) -> dict[str,
         "run": label,
         "name": run.name,
         "arm": run.arm,
+        "method": run_method(run),
         "seed": run.seed,
         "lr": run.config.get("lr"),
         "peak_lr": run.derived.get("lr"),

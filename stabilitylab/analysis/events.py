@@ -32,6 +32,8 @@ LR_FAULT_KIND = "lr_fault"
 DIVERGENCE_KIND = "divergence"
 SKIPPED_STEP_KIND = "skipped_step"
 LOSS_SCALE_KIND = "loss_scale_change"
+# Entropy drops and maximum-logit spikes of the attention probes.
+ATTENTION_SPIKE = "attention_spike"
 EVENT_KINDS = (
     SPIKE,
     DIP,
@@ -41,6 +43,7 @@ EVENT_KINDS = (
     DIVERGENCE_KIND,
     SKIPPED_STEP_KIND,
     LOSS_SCALE_KIND,
+    ATTENTION_SPIKE,
 )
 
 # Column -> pandas dtype of the events frame. Where an event kind has no such value the cell
@@ -79,11 +82,11 @@ LAG_COLUMNS: dict[str, str] = {
     "median_window_lag": "float64",
 }
 
-_LAYER_SERIES = re.compile(r"^grad_norm\[(.+)\]$")
+_LAYER_SERIES = re.compile(r"^(?:grad_norm|attention_entropy|attention_max_logit)\[(.+)\]$")
 
 
 def series_layer(series: str | None) -> str | None:
-    """Return the layer group of a ``grad_norm[LAYER]`` series key, None for other series."""
+    """Return the layer group of a ``grad_norm[LAYER]`` or attention series, None for others."""
     if series is None:
         return None
     match = _LAYER_SERIES.match(series)
@@ -94,8 +97,8 @@ def events_frame(run_events: RunEvents) -> pd.DataFrame:
     """Build the tidy frame of one run's events, one row each, sorted by ``step``.
 
     The rows are the spikes, dips, dense-monitor dips and planted faults, then the recorded
-    training events: the divergence, each skipped step and each loss-scale change. The
-    columns and their meaning per kind are in docs/api.md.
+    training events: the divergence, each skipped step and each loss-scale change, then the
+    attention events. The columns and their meaning per kind are in docs/api.md.
     """
     dip_of_spike = _attributed_dips(run_events)
     rows: list[dict[str, Any]] = []
@@ -108,6 +111,8 @@ def events_frame(run_events: RunEvents) -> pd.DataFrame:
         rows.append(_divergence_row(run_events.divergence))
     rows += [{"kind": SKIPPED_STEP_KIND, "step": step} for step in run_events.skipped_steps]
     rows += [_loss_scale_row(change) for change in run_events.loss_scale_changes]
+    for spikes in run_events.attention_spikes.values():
+        rows += [{**_spike_row(spike, {}), "kind": ATTENTION_SPIKE} for spike in spikes]
     frame = pd.DataFrame(rows, columns=list(EVENT_COLUMNS)).astype(EVENT_COLUMNS)
     order = frame["kind"].map({kind: rank for rank, kind in enumerate(EVENT_KINDS)})
     frame = frame.assign(_order=order).sort_values(["step", "_order", "series"], kind="stable")

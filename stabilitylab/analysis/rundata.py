@@ -15,6 +15,7 @@ from stabilitylab.analysis.events import events_frame, lags_frame
 from stabilitylab.detect import (
     DetectorParams,
     RunEvents,
+    attention_layer_series,
     clean_series,
     detect_run,
     select_first_layer,
@@ -30,6 +31,8 @@ from stabilitylab.sweep import is_sweep_dir
 
 # Columns of the layers table that layer_frame can spread into one column per layer group.
 LAYER_SIGNALS = tuple(name for name in TABLE_COLUMNS["layers"] if name not in ("step", "layer"))
+# Columns of the attention table that attention_frame reduces over heads, one column per block.
+ATTENTION_SIGNALS = ("entropy", "max_logit")
 FIRST_LAYER = "first layer"
 LAST_BLOCK = "last block"
 
@@ -58,9 +61,10 @@ def resolve_detectors(detectors: Detectors) -> DetectorParams:
 class RunData(Run):
     """A run directory with its detected events, for analysis with pandas.
 
-    The tables ``steps``, ``layers`` (long: one row per step and layer group), ``evals``
-    and ``dense_knn`` are as stored, with the columns of docs/run-directory.md. ``config``,
-    ``derived``, ``environment`` and ``status`` are the JSON objects of ``config.json`` and
+    The tables ``steps``, ``layers`` (long: one row per step and layer group), ``evals``,
+    ``dense_knn`` and ``attention`` (long: one row per probe, block and head) are as
+    stored, with the columns of docs/run-directory.md. ``config``, ``derived``,
+    ``environment`` and ``status`` are the JSON objects of ``config.json`` and
     ``status.json``. Detection runs once, on first use of ``detection``, ``events``,
     ``verdict`` or ``lags``, with ``detector_params``.
     """
@@ -177,6 +181,25 @@ class RunData(Run):
         wide.columns.name = "layer"
         wide.index = wide.index.astype("int64")
         wide.index.name = "step"
+        return wide
+
+    def attention_frame(self, signal: str = "entropy") -> pd.DataFrame:
+        """Return the attention probes wide: index ``step``, one column per block.
+
+        ``signal`` ``entropy`` gives each block's lowest normalised entropy over its heads,
+        and ``max_logit`` its highest maximum logit: the series the detector scores. The
+        frame is empty for a run without probes. Raises ConfigError for another ``signal``.
+        """
+        if signal not in ATTENTION_SIGNALS:
+            raise ConfigError(
+                f"attention signal {signal!r} is not a column of the attention table; pass one "
+                f"of {', '.join(ATTENTION_SIGNALS)}"
+            )
+        wide = pd.DataFrame(attention_layer_series(self.attention, signal), dtype="float64")
+        wide = wide.sort_index()
+        wide.index = wide.index.astype("int64")
+        wide.index.name = "step"
+        wide.columns.name = "layer"
         return wide
 
     def first_last_frame(self) -> pd.DataFrame:

@@ -1,8 +1,12 @@
-"""Datasets for training (two augmented views) and for the kNN monitor (one clean view)."""
+"""Datasets for training (augmented views) and for the kNN monitor (one clean view).
+
+A training image yields two global views, then, with multi-crop, ``local_crops`` local
+crops of one smaller side: ``[global1, global2, *local_crops]``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,15 +24,15 @@ if TYPE_CHECKING:
 class DataBundle:
     """The three datasets a run uses, with the facts the model needs about them."""
 
-    train: Dataset  # yields ((view1, view2), label), or (image, label) with batch_views
+    train: Dataset  # yields (views, label), or (image, label) with batch_views
     knn_bank: Dataset  # training images, one clean view, yields (image, label)
     knn_query: Dataset  # validation images, one clean view
     num_classes: int
     in_chans: int
     description: str
-    # Makes the two views from a whole batch on the training device, when the dataset
-    # yields clean images instead of view pairs.
-    batch_views: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    # Makes the views (two global, then any local crops) from a whole batch on the training
+    # device, when the dataset yields clean images instead of views.
+    batch_views: Callable[[torch.Tensor], Sequence[torch.Tensor]] | None = None
     # Side of the square model input in pixels; None: the configuration's resolved size.
     img_size: int | None = None
     # The unreadable images skipped with --skip-bad-images, or None when none are skipped.
@@ -38,6 +42,19 @@ class DataBundle:
         """Write ``skipped_images.json`` into ``run_dir`` when the run skips bad images."""
         if self.skipped is not None:
             self.skipped.attach(run_dir)
+
+    def mark_resumed(self) -> None:
+        """Make the errors of unreadable streamed images give the fix a resumed run allows.
+
+        A resumed run cannot add --skip-bad-images, so the errors ask for a readable file.
+        """
+        from stabilitylab.data.folder import StreamedImages
+
+        for dataset in (self.train, self.knn_bank, self.knn_query):
+            while isinstance(dataset, Subset):
+                dataset = dataset.dataset
+            if isinstance(dataset, StreamedImages):
+                dataset.resumed = True
 
 
 def limit_dataset(dataset: Dataset, limit: int, seed: int) -> Dataset:

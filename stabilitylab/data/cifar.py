@@ -79,22 +79,37 @@ LAYOUTS = {
 }
 
 # The globals a CIFAR batch pickle refers to: NumPy's array reconstruction, from NumPy 1
-# ("numpy.core") or NumPy 2 ("numpy._core"), and the latin-1 encoding of protocol-2 bytes.
+# ("numpy.core") or NumPy 2 ("numpy._core"), with ``_frombuffer`` for pickle protocol 5,
+# and the latin-1 encoding of protocol-2 bytes.
 ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("_codecs", "encode"),
 }
+# Protocol 2 pickles empty bytes, such as the data of an array without images, as a call
+# of bytes() without arguments.
+BYTES_GLOBALS = {("__builtin__", "bytes"), ("builtins", "bytes")}
+
+
+def _empty_bytes(*args: Any) -> bytes:
+    """Build the empty bytes of a protocol-2 pickle; reject every other call of bytes()."""
+    if args:
+        raise pickle.UnpicklingError("it calls bytes() with arguments, which a batch never does")
+    return b""
 
 
 class BatchUnpickler(pickle.Unpickler):
     """An unpickler that builds only what a CIFAR batch contains."""
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in BYTES_GLOBALS:
+            return _empty_bytes
         if (module, name) not in ALLOWED_GLOBALS:
             raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a batch never does")
         return super().find_class(module, name)
@@ -154,10 +169,7 @@ def read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray
             f"CIFAR file {path}: 'data' rows have {data.shape[1]} values, expected "
             f"{ROW_LENGTH} (3 x 32 x 32); replace the file"
         )
-    try:
-        label_array = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError):
-        raise DataError(f"CIFAR file {path}: {label_key!r} is not a list of integers") from None
+    label_array = _label_array(labels, label_key, path)
     if label_array.shape != (len(data),):
         raise DataError(
             f"CIFAR file {path} has {len(data)} images but {label_array.size} {label_key!r}; "
@@ -169,6 +181,37 @@ def read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray
             f"outside 0 to {num_classes - 1} for the {num_classes} classes of its meta file"
         )
     return data.reshape(-1, 3, CIFAR_SIDE, CIFAR_SIDE), label_array
+
+
+def _label_array(labels: Any, label_key: str, path: Path) -> np.ndarray:
+    """Return ``labels`` as int64; raise DataError unless they are integers.
+
+    Floats, strings and booleans are rejected rather than cast, because a cast would turn
+    1.7 into 1, "3" into 3 and True into 1 silently.
+    """
+    if isinstance(labels, np.ndarray):
+        if labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer):
+            return labels.astype(np.int64)
+        kind = f"a {labels.dtype} array of shape {labels.shape}"
+    elif isinstance(labels, list):
+        bad = [value for value in labels if not _is_integer(value)]
+        if not bad:
+            try:
+                return np.asarray(labels, dtype=np.int64)
+            except OverflowError:
+                kind = "a list with integers beyond the int64 range"
+        else:
+            kind = f"a list with the value {bad[0]!r} ({type(bad[0]).__name__})"
+    else:
+        kind = "None" if labels is None else f"a {type(labels).__name__}"
+    raise DataError(
+        f"CIFAR file {path}: {label_key!r} is not a list of integers, but {kind}; replace the "
+        "file with one whose labels are integer class indices"
+    )
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def read_class_names(folder: Path, layout: CifarLayout) -> list[str]:
@@ -252,7 +295,7 @@ def build_cifar(config: RunConfig) -> DataBundle:
     class_names = read_class_names(folder, layout)
     train_images, train_labels = _read_split(folder, layout.train_files, layout, len(class_names))
     val_images, val_labels = _read_split(folder, layout.test_files, layout, len(class_names))
-    check_splits(len(train_labels), len(val_labels), str(folder))
+    check_splits(len(train_labels), len(val_labels), str(folder), splittable=False)
     size = config.resolved_img_size
     checksums = "the published files" if published else "files that differ from the published ones"
     return in_memory_bundle(

@@ -6,7 +6,7 @@ editor leftovers into classes or crash on them:
 - Hidden entries (names starting with ``.``, such as ``.ipynb_checkpoints`` or
   ``.DS_Store``) are ignored, at the class level and inside class folders.
 - Files without an image extension (torchvision's ``IMG_EXTENSIONS``) are skipped and
-  counted, instead of silently dropped.
+  counted, instead of silently dropped, and so are files next to the class folders.
 - A class folder without images raises a DataError that names the folder.
 
 Nothing is decoded here: the scan lists file names only, so it costs one directory walk.
@@ -34,11 +34,13 @@ class ClassFolder(ImageFolder):
     """The image files of a class-folder tree, with hidden entries and non-image files left out.
 
     ``samples``, ``targets``, ``classes`` and ``class_to_idx`` are ImageFolder's;
-    ``non_image_files`` lists the skipped files and ``hidden_entries`` counts what was ignored.
+    ``non_image_files`` lists the skipped files inside class folders, ``loose_files`` the
+    files next to the class folders, and ``hidden_entries`` counts the hidden entries ignored.
     """
 
     def __init__(self, root: str | Path) -> None:
         self.non_image_files: list[str] = []
+        self.loose_files: list[str] = []
         self.hidden_entries = 0
         if not Path(root).is_dir():
             raise DataError(f"image folder {root} does not exist or is not a folder")
@@ -49,18 +51,19 @@ class ClassFolder(ImageFolder):
         classes = []
         with os.scandir(directory) as entries:
             for entry in entries:
-                if not entry.is_dir():
-                    continue
                 if is_hidden(entry.name):
                     self.hidden_entries += 1
-                else:
+                elif entry.is_dir():
                     classes.append(entry.name)
+                else:
+                    self.loose_files.append(os.path.join(directory, entry.name))
         if not classes:
             raise DataError(
                 f"image folder {directory} has no class folders; put the images of each class "
                 f"in a folder of its own, {directory}/<class>/*.jpg"
             )
         classes.sort()
+        self.loose_files.sort()
         return classes, {name: index for index, name in enumerate(classes)}
 
     def is_valid_file(self, path: str) -> bool:

@@ -16,7 +16,7 @@ from sklearn.model_selection import train_test_split
 
 from stabilitylab.config import RunConfig
 from stabilitylab.data import DataBundle, limit_dataset
-from stabilitylab.data.augment import DigitsBatchTwoView
+from stabilitylab.data.augment import DigitsBatchTwoView, local_crops_of
 from stabilitylab.data.memory import TensorImages
 
 VAL_FRACTION = 0.25
@@ -66,7 +66,9 @@ def build_digits(config: RunConfig) -> DataBundle:
     val_labels = torch.from_numpy(val_y)
     return DataBundle(
         train=TensorImages(train_images, train_labels),
-        batch_views=DigitsBatchTwoView(size, config.crop_min_scale, mean, std),
+        batch_views=DigitsBatchTwoView(
+            size, config.crop_min_scale, mean, std, local_crops_of(config, size)
+        ),
         knn_bank=limit_dataset(
             TensorImages(normalise(train_images), train_labels), config.knn_max_bank, config.seed
         ),

@@ -38,9 +38,15 @@ from torchvision.transforms import v2
 
 from stabilitylab.config import RunConfig
 from stabilitylab.data import DataBundle, limit_dataset
-from stabilitylab.data.augment import imagenet_eval, imagenet_two_view
-from stabilitylab.data.classfolder import ClassFolder
-from stabilitylab.data.images import UnreadableImageError, decode_rgb, format_mismatch
+from stabilitylab.data.augment import imagenet_eval, imagenet_two_view, local_crops_of
+from stabilitylab.data.classfolder import ClassFolder, is_hidden
+from stabilitylab.data.images import (
+    UnreadableImageError,
+    UnreadableImagesError,
+    decode_rgb,
+    format_mismatch,
+    unreadable_message,
+)
 from stabilitylab.data.memory import check_splits, in_memory_bundle
 from stabilitylab.data.skipped import SkippedImages
 from stabilitylab.data.splits import stratified_split
@@ -51,7 +57,7 @@ log = logging.getLogger(__name__)
 IN_MEMORY_MAX_SIDE = 64  # px; larger images are streamed with the per-image recipe
 IN_MEMORY_MAX_BYTES = 2 * 1024**3  # decoded uint8 images of both splits
 DECODE_THREADS = 8  # PIL releases the GIL while decoding
-NAMED_FILES = 5  # unreadable or mislabelled files named in one message
+NAMED_FILES = 5  # mislabelled or non-image files named in one message
 
 Sample = tuple[str, int]
 
@@ -65,13 +71,17 @@ class FolderSplits:
     train: list[Sample]
     val: list[Sample]
     non_image_files: list[str]
+    # Files and folders that are neither class folders nor inside one, such as an image
+    # next to the class folders or a test/ folder next to train/ and val/.
+    outside_class_folders: list[str] = dataclasses.field(default_factory=list)
 
 
 class StreamedImages(Dataset):
     """Image files decoded when read, with a transform; unreadable files raise or are skipped.
 
     With ``skipped`` set, an unreadable file is recorded there and the next readable file in
-    ``samples`` takes its place, with that file's own label.
+    ``samples`` takes its place, with that file's own label. Without it an unreadable file
+    raises UnreadableImageError, whose fixes suit a resumed run when ``resumed`` is set.
     """
 
     def __init__(
@@ -86,6 +96,7 @@ class StreamedImages(Dataset):
         self.transform = transform
         self.split = split
         self.skipped = skipped
+        self.resumed = False
         self._unreadable: set[int] = set()
         self._warned: set[str] = set()
 
@@ -101,6 +112,9 @@ class StreamedImages(Dataset):
             try:
                 decoded = decode_rgb(path)
             except UnreadableImageError as error:
+                if self.skipped is None and self.resumed:
+                    message = unreadable_message(path, error.reason, resumed=True)
+                    raise UnreadableImageError(message, path, error.reason) from None
                 if self.skipped is None:
                     raise
                 self._unreadable.add(position)
@@ -145,6 +159,7 @@ def _scan(root: Path, val_split: float | None) -> FolderSplits:
             train.samples,
             val.samples,
             train.non_image_files + val.non_image_files,
+            _beside_splits(root) + train.loose_files + val.loose_files,
         )
     if (root / "train").is_dir() and (root / "val").is_dir():
         raise DataError(
@@ -159,6 +174,16 @@ def _scan(root: Path, val_split: float | None) -> FolderSplits:
         [tree.samples[i] for i in train_index],
         [tree.samples[i] for i in val_index],
         tree.non_image_files,
+        tree.loose_files,
+    )
+
+
+def _beside_splits(root: Path) -> list[str]:
+    """List the entries of ``root`` other than train/, val/ and hidden ones."""
+    return sorted(
+        str(entry)
+        for entry in root.iterdir()
+        if not is_hidden(entry.name) and not (entry.name in ("train", "val") and entry.is_dir())
     )
 
 
@@ -169,8 +194,12 @@ def fits_in_memory(image_count: int, size: int) -> bool:
 
 def _decode_all(
     samples: list[Sample], size: int, split: str, skipped: SkippedImages | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode, resize and centre-crop every image to uint8 (N, 3, size, size)."""
+) -> tuple[torch.Tensor, torch.Tensor, list[UnreadableImageError]]:
+    """Decode, resize and centre-crop every image to uint8 (N, 3, size, size).
+
+    Returns the images and labels of the readable files and the errors of the others. With
+    ``skipped`` set, the unreadable files are recorded there, else the caller raises.
+    """
     resize = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.PILToTensor()])
     images = torch.empty((len(samples), 3, size, size), dtype=torch.uint8)
 
@@ -185,25 +214,16 @@ def _decode_all(
     with ThreadPoolExecutor(max_workers=min(DECODE_THREADS, os.cpu_count() or 1)) as pool:
         results = list(pool.map(decode, range(len(samples))))
     errors = [error for _, error in results if error is not None]
-    if errors and skipped is None:
-        named = "; ".join(f"{error.path} ({error.reason})" for error in errors[:NAMED_FILES])
-        more = f" and {len(errors) - NAMED_FILES} more" if len(errors) > NAMED_FILES else ""
-        raise DataError(
-            f"{len(errors)} image file{'s' if len(errors) > 1 else ''} of the {split} split "
-            f"cannot be read: {named}{more}; remove or replace them, or pass --skip-bad-images "
-            "to skip them"
-        )
-    if skipped is not None:
+    if skipped is not None and errors:
         for error in errors:
             skipped.add(error.path, split, error.reason, found="build")
-    if errors:
         log.warning("%s split: skipped %d unreadable image files", split, len(errors))
     _warn_mismatched(samples, [image_format for image_format, _ in results], split)
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
     if not errors:
-        return images, labels
+        return images, labels, errors
     readable = torch.tensor([error is None for _, error in results])
-    return images[readable], labels[readable]
+    return images[readable], labels[readable], errors
 
 
 def _warn_mismatched(samples: list[Sample], formats: list[str | None], split: str) -> None:
@@ -228,6 +248,11 @@ def _summary(splits: FolderSplits, skipped: SkippedImages | None) -> str:
         parts.append(f"{len(skipped.entries)} unreadable files skipped")
     if splits.non_image_files:
         parts.append(f"{len(splits.non_image_files)} non-image files ignored")
+    outside = len(splits.outside_class_folders)
+    if outside:
+        parts.append(
+            f"{outside} {'entry' if outside == 1 else 'entries'} outside class folders ignored"
+        )
     return ", ".join(parts)
 
 
@@ -236,13 +261,19 @@ def _in_memory(
 ) -> DataBundle:
     size = config.resolved_img_size
     log.info("decoding %d images into memory at %d px", len(splits.train) + len(splits.val), size)
-    train = _decode_all(splits.train, size, "train", skipped)
-    val = _decode_all(splits.val, size, "val", skipped)
-    check_splits(len(train[1]), len(val[1]), str(splits.root))
+    train_images, train_labels, train_errors = _decode_all(splits.train, size, "train", skipped)
+    val_images, val_labels, val_errors = _decode_all(splits.val, size, "val", skipped)
+    if skipped is None and (train_errors or val_errors):
+        # Both splits are decoded first, so that one error names the bad files of each.
+        raise UnreadableImagesError(
+            [("train", error.path, error.reason) for error in train_errors]
+            + [("val", error.path, error.reason) for error in val_errors]
+        )
+    check_splits(len(train_labels), len(val_labels), str(splits.root))
     bundle = in_memory_bundle(
         config,
-        train,
-        val,
+        (train_images, train_labels),
+        (val_images, val_labels),
         num_classes=len(splits.classes),
         flip=True,
         description=_summary(splits, skipped),
@@ -252,9 +283,8 @@ def _in_memory(
 
 def _streamed(config: RunConfig, splits: FolderSplits, skipped: SkippedImages | None) -> DataBundle:
     size = config.resolved_img_size
-    train = StreamedImages(
-        splits.train, imagenet_two_view(size, config.crop_min_scale), "train", skipped
-    )
+    views = imagenet_two_view(size, config.crop_min_scale, local_crops_of(config, size))
+    train = StreamedImages(splits.train, views, "train", skipped)
     bank = StreamedImages(splits.train, imagenet_eval(size), "train", skipped)
     query = StreamedImages(splits.val, imagenet_eval(size), "val", skipped)
     return DataBundle(
@@ -288,6 +318,16 @@ def build_imagefolder(config: RunConfig) -> DataBundle:
             root,
             len(splits.non_image_files),
             ", ".join(splits.non_image_files[:NAMED_FILES]),
+        )
+    outside = splits.outside_class_folders
+    if outside:
+        log.warning(
+            "%s: ignored %d %s outside the class folders, such as %s; only images inside a "
+            "class folder are used",
+            root,
+            len(outside),
+            "entry" if len(outside) == 1 else "entries",
+            ", ".join(outside[:NAMED_FILES]),
         )
     check_splits(len(splits.train), len(splits.val), str(root))
     skipped = SkippedImages(str(root), splits.non_image_files) if config.skip_bad_images else None

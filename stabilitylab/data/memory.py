@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from stabilitylab.config import RunConfig
 from stabilitylab.data import DataBundle, limit_dataset
-from stabilitylab.data.augment import recipe_batch_two_view
+from stabilitylab.data.augment import local_crops_of, recipe_batch_two_view
 from stabilitylab.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -100,14 +100,23 @@ def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
     return out
 
 
-def check_splits(train_size: int, val_size: int, where: str) -> None:
-    """Raise DataError for an empty training or validation split of the data at ``where``."""
+def check_splits(train_size: int, val_size: int, where: str, splittable: bool = True) -> None:
+    """Raise DataError for an empty training or validation split of the data at ``where``.
+
+    ``splittable`` data can take its validation split out of the training images with
+    --val-split, so the error mentions that option.
+    """
     if train_size == 0:
         raise DataError(f"the training split of {where} is empty; it needs at least 2 images")
     if val_size == 0:
+        fix = (
+            "add them, or raise --val-split where the data has no validation split"
+            if splittable
+            else "add them"
+        )
         raise DataError(
             f"the validation split of {where} is empty, and the kNN monitor needs validation "
-            "images; add them, or raise --val-split where the data has no validation split"
+            f"images; {fix}"
         )
 
 
@@ -137,7 +146,14 @@ def in_memory_bundle(
     )
     return DataBundle(
         train=TensorImages(train_images, train_labels),
-        batch_views=recipe_batch_two_view(size, config.crop_min_scale, mean, std, flip=flip),
+        batch_views=recipe_batch_two_view(
+            size,
+            config.crop_min_scale,
+            mean,
+            std,
+            flip=flip,
+            local_crops=local_crops_of(config, size),
+        ),
         knn_bank=limit_dataset(
             TensorImages(train_images, train_labels, normalise), config.knn_max_bank, config.seed
         ),

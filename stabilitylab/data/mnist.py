@@ -15,6 +15,7 @@ one, as a mirrored shoe is still a shoe.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 SOURCES: dict[str, type[MNIST]] = {"mnist": MNIST, "fashion-mnist": FashionMNIST}
 NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
 FLIP = {"mnist": False, "fashion-mnist": True}
+# IDX magic numbers: two zero bytes, the type code 0x08 (unsigned bytes), then the number of
+# dimensions, 3 for images (N, H, W) and 1 for labels (N,). Big-endian sizes follow.
+IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}
+IDX_DIMENSIONS = {"images": 3, "labels": 1}
 SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -76,17 +81,49 @@ def find_raw_folder(data_dir: Path, dataset: str, download: bool) -> Path:
     return folder
 
 
+def _check_idx(path: Path, kind: str) -> None:
+    """Raise DataError unless ``path`` has the magic number and length of an MNIST IDX file."""
+    dimensions = IDX_DIMENSIONS[kind]
+    header_size = 4 * (1 + dimensions)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            header = handle.read(header_size)
+    except OSError as error:
+        raise DataError(f"IDX file {path} cannot be read: {error.strerror or error}") from None
+    fix = "fetch the data again with --download, or replace the file"
+    if len(header) < header_size:
+        raise DataError(
+            f"IDX file {path} is {size} bytes, shorter than the {header_size}-byte header of an "
+            f"IDX {kind} file, so it is truncated; {fix}"
+        )
+    magic = int.from_bytes(header[:4], "big")
+    if magic != IDX_MAGIC[kind]:
+        raise DataError(
+            f"IDX file {path} starts with the magic number {magic:#010x}, but an MNIST {kind} "
+            f"file (uint8 values in {dimensions} dimension{'s' if dimensions > 1 else ''}) "
+            f"starts with {IDX_MAGIC[kind]:#010x}; {fix}"
+        )
+    shape = [int.from_bytes(header[4 * i : 4 * i + 4], "big") for i in range(1, dimensions + 1)]
+    expected = header_size + math.prod(shape)
+    if size != expected:
+        state = "is truncated" if size < expected else "has bytes after its data"
+        raise DataError(
+            f"IDX file {path} {state}: its header declares {' x '.join(map(str, shape))} "
+            f"values, {expected} bytes with the header, but the file has {size} bytes; {fix}"
+        )
+
+
 def _read_idx(path: Path, kind: str) -> torch.Tensor:
+    _check_idx(path, kind)
     reader = read_image_file if kind == "images" else read_label_file
     try:
         return reader(str(path))
     except (AssertionError, KeyError, ValueError, TypeError, RuntimeError) as error:
-        # A short file fails the reshape to the sizes in its header; a text file fails the
-        # magic number check.
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        # Not expected after _check_idx, which checks what the reader asserts.
         raise DataError(
-            f"IDX file {path} is truncated or not an IDX {kind} file ({reason}); fetch the "
-            "data again with --download, or replace the file"
+            f"IDX file {path} cannot be read as an IDX {kind} file ({type(error).__name__}: "
+            f"{error}); fetch the data again with --download, or replace the file"
         ) from None
 
 
@@ -112,7 +149,7 @@ def build_mnist(config: RunConfig) -> DataBundle:
     folder = find_raw_folder(Path(config.data_dir or ""), config.dataset, config.download)
     train_images, train_labels = read_split(folder, "train")
     val_images, val_labels = read_split(folder, "val")
-    check_splits(len(train_labels), len(val_labels), str(folder))
+    check_splits(len(train_labels), len(val_labels), str(folder), splittable=False)
     size = config.resolved_img_size
     return in_memory_bundle(
         config,

@@ -36,8 +36,12 @@ from stabilitylab.errors import DataError
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("x_train", "y_train", "x_val", "y_val")
+# The first bytes of a zip archive (an empty one has only its end record), and of a .npy file.
+ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
+NPY_SIGNATURE = b"\x93NUMPY"
 FLIP_KEY = "hflip"
 CHANNEL_COUNTS = (1, 3)
+NAMED_LABELS = 10  # labels listed in one message
 
 
 def _load(path: Path) -> dict[str, np.ndarray]:
@@ -45,22 +49,59 @@ def _load(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"--data-dir {path} does not exist; pass the path of a .npz file")
     if path.is_dir():
         raise DataError(f"--data-dir {path} is a folder; with --dataset npz pass a .npz file")
+    _check_signature(path)
     try:
-        archive = np.load(path, allow_pickle=False)
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise DataError(
-                f"{path} contains one array, not an .npz archive of arrays; write it with "
-                f"numpy.savez and the keys {', '.join(IMAGE_KEYS)}"
-            )
-        with archive:
-            return {key: archive[key] for key in archive.files}
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: _member(archive, key, path) for key in archive.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
-        # ValueError covers object arrays and files that are not NumPy's, both of which
-        # would need pickle.
         raise DataError(
             f"{path} cannot be read as a NumPy .npz file ({error}); write it with "
             "numpy.savez from numeric arrays"
         ) from None
+
+
+def _check_signature(path: Path) -> None:
+    """Raise DataError unless ``path`` starts like the zip archive that numpy.savez writes.
+
+    np.load reads any other file as a pickle, which allow_pickle=False then rejects with
+    advice to load it unsafely, so the file type is checked here first.
+    """
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(len(NPY_SIGNATURE))
+    except OSError as error:
+        raise DataError(f"--data-dir {path} cannot be read: {error.strerror or error}") from None
+    if start.startswith(NPY_SIGNATURE):
+        raise DataError(
+            f"{path} contains one array (a .npy file), not an .npz archive of arrays; write it "
+            f"with numpy.savez and the keys {', '.join(IMAGE_KEYS)}"
+        )
+    if not start.startswith(ZIP_SIGNATURES):
+        found = "it is empty" if not start else f"it starts with the bytes {start!r}"
+        raise DataError(
+            f"{path} is not a NumPy .npz file: {found}, not the zip archive signature that "
+            f"numpy.savez writes; write it with numpy.savez and the keys {', '.join(IMAGE_KEYS)}"
+        )
+
+
+def _member(archive: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
+    try:
+        value = archive[key]
+    except ValueError as error:
+        if "allow_pickle" not in str(error):
+            raise
+        # NumPy's message for an object array; allow_pickle=True would run its pickle.
+        raise DataError(
+            f"{path}: {key} is an object array, which only pickle can load, so it is "
+            "rejected; store it as a numeric array"
+        ) from None
+    if not isinstance(value, np.ndarray):
+        # NpzFile returns the raw bytes of a member that is not a .npy file.
+        raise DataError(
+            f"{path}: the member {key} is not a NumPy array, so the file is a zip archive but "
+            "not one that numpy.savez wrote; write it with numpy.savez"
+        )
+    return value
 
 
 def to_nchw_uint8(array: np.ndarray, key: str, path: Path) -> np.ndarray:
@@ -197,6 +238,55 @@ def _flip(values: dict[str, np.ndarray], path: Path) -> bool:
     return bool(flag)
 
 
+def _check_val_classes(classes: np.ndarray, y_val: np.ndarray, path: Path) -> None:
+    """Raise DataError for validation labels that no training image has.
+
+    The kNN monitor predicts the classes of the training images, so a query of any other
+    class would count as wrong at every evaluation.
+    """
+    unknown = np.setdiff1d(np.unique(y_val), classes)
+    if len(unknown):
+        listed = ", ".join(str(label) for label in unknown[:NAMED_LABELS])
+        more = f" and {len(unknown) - NAMED_LABELS} more" if len(unknown) > NAMED_LABELS else ""
+        raise DataError(
+            f"{path}: y_val has {len(unknown)} label{'s' if len(unknown) > 1 else ''} that no "
+            f"training image has ({listed}{more}); the kNN monitor can only predict the "
+            "classes of y_train, so remove those validation images or add training images of "
+            "their classes"
+        )
+
+
+def _warn_empty_classes(classes: np.ndarray, path: Path) -> None:
+    """Log the classes in 0..max(label) without a training image, when there are any."""
+    count = int(classes.max()) + 1
+    empty = np.setdiff1d(np.arange(count), classes)
+    if len(empty):
+        log.warning(
+            "%s: the labels run from 0 to %d, so the run has %d classes, but %d of them have "
+            "no training image (such as %s); relabel the data as 0..%d if those are not meant "
+            "as classes",
+            path,
+            count - 1,
+            count,
+            len(empty),
+            ", ".join(str(label) for label in empty[:NAMED_LABELS]),
+            len(classes) - 1,
+        )
+
+
+def _warn_val_size(x_train: np.ndarray, x_val: np.ndarray, size: int, path: Path) -> None:
+    train_shape, val_shape = x_train.shape[-2:], x_val.shape[-2:]
+    if train_shape != val_shape:
+        log.warning(
+            "%s: the x_val images are %dx%d px and the x_train images %dx%d px; both are "
+            "resized (shorter side) and centre-cropped to %d px",
+            path,
+            *val_shape,
+            *train_shape,
+            size,
+        )
+
+
 def build_npz(config: RunConfig) -> DataBundle:
     path = Path(config.data_dir or "")
     values = _load(path)
@@ -216,12 +306,15 @@ def build_npz(config: RunConfig) -> DataBundle:
             f"{path}: y_train has {len(classes)} class; the kNN monitor needs at least 2 "
             "classes to measure anything"
         )
+    _check_val_classes(classes, y_val, path)
+    _warn_empty_classes(classes, path)
     size = _image_size(config, x_train, path)
+    _warn_val_size(x_train, x_val, size, path)
     return in_memory_bundle(
         config,
         (resize_square(torch.from_numpy(x_train), size), torch.from_numpy(y_train)),
         (resize_square(torch.from_numpy(x_val), size), torch.from_numpy(y_val)),
-        num_classes=int(max(y_train.max(), y_val.max())) + 1,
+        num_classes=int(classes.max()) + 1,
         flip=_flip(values, path),
         description=f"NumPy arrays {path}",
     )

@@ -9,6 +9,12 @@ Series names used as keys of :attr:`RunEvents.spikes`:
   with respect to the tokens entering ``blocks.00``), from the steps table;
 - ``grad_norm[LAYER]`` for each layer group of the layers table, see :func:`layer_series_name`.
 
+:attr:`RunEvents.attention_spikes` holds the events of the attention probes apart from
+these, keyed ``attention_entropy[blocks.NN]`` (drops of the lowest entropy over the heads)
+and ``attention_max_logit[blocks.NN]``, see :mod:`stabilitylab.detect.attention`. They use
+the gradient-norm spike parameters and take no part in the co-occurrence filter, the
+attribution of dips or the matching of planted faults.
+
 Steps that ``status.json`` lists as skipped (an fp16 overflow, or ``--on-nonfinite skip``)
 are left out of every spike series, so their inf or NaN norms never count as spikes.
 """
@@ -21,6 +27,11 @@ from typing import Any
 
 import pandas as pd
 
+from stabilitylab.detect.attention import (
+    attention_layer_series,
+    attention_series_name,
+    find_attention_spikes,
+)
 from stabilitylab.detect.attribution import AttributionParams, DipAttribution, attribute_dips
 from stabilitylab.detect.cooccur import CoOccurrenceParams, filter_co_occurring
 from stabilitylab.detect.dips import Dip, DipParams, dip_margin, find_dips
@@ -72,10 +83,13 @@ __all__ = [
     "SpikeEvent",
     "SpikeParams",
     "TOKEN_GRAD_NORM",
+    "attention_layer_series",
+    "attention_series_name",
     "clean_series",
     "detect_run",
     "dip_margin",
     "filter_co_occurring",
+    "find_attention_spikes",
     "find_dips",
     "find_spikes",
     "gradient_series_order",
@@ -146,6 +160,8 @@ class RunEvents:
     empty when it did not run; the verdict uses ``dips``, from the validation split.
     ``divergence``, ``skipped_steps`` and ``loss_scale_changes`` are the events that the
     training loop recorded, see :mod:`stabilitylab.detect.training_events`.
+    ``attention_spikes`` are the entropy drops and maximum-logit spikes of the attention
+    probes by series, empty without probes (:mod:`stabilitylab.detect.attention`).
     """
 
     run_name: str
@@ -165,6 +181,7 @@ class RunEvents:
     divergence: Divergence | None = None
     skipped_steps: list[int] = field(default_factory=list)
     loss_scale_changes: list[LossScaleChange] = field(default_factory=list)
+    attention_spikes: dict[str, list[SpikeEvent]] = field(default_factory=dict)
 
     def spikes_on(self, series: str | None) -> list[SpikeEvent]:
         """Return the spikes of one series, or an empty list for an unknown or None key."""
@@ -194,6 +211,10 @@ class RunEvents:
             "divergence": self.divergence.to_dict() if self.divergence is not None else None,
             "skipped_steps": list(self.skipped_steps),
             "loss_scale_changes": [change.to_dict() for change in self.loss_scale_changes],
+            "attention_spikes": {
+                series: [event.to_dict() for event in events]
+                for series, events in self.attention_spikes.items()
+            },
         }
 
 
@@ -270,7 +291,7 @@ def gradient_series_order(layer_names: list[str]) -> list[str]:
 
 def detect_run(run: Run, params: DetectorParams | None = None) -> RunEvents:
     """Run every detector on ``run``: spikes on the loss, the total and token gradient norms
-    and each layer's gradient norm, and dips on kNN top-1 accuracy.
+    and each layer's gradient norm, dips on kNN top-1 accuracy, and the attention events.
 
     Runs without steps, layers or evaluations give empty event lists.
     """
@@ -360,6 +381,7 @@ def detect_run(run: Run, params: DetectorParams | None = None) -> RunEvents:
         divergence=divergence,
         skipped_steps=skipped,
         loss_scale_changes=loss_scale_changes(run.steps),
+        attention_spikes=find_attention_spikes(run.attention, params.grad_spikes),
     )
 
 

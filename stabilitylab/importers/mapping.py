@@ -37,6 +37,8 @@ from stabilitylab.train.tensorboard import LAYER_COLUMNS, scalar_columns, scalar
 STEP_TARGET = "step"
 IGNORE_TARGET = "ignore"
 UNITS = ("percent", "fraction")
+# The attention scalars that stabilitylab run --tensorboard writes, one per block.
+_ATTENTION_TAG = re.compile(r"^attention_(entropy|max_logit)/", re.IGNORECASE)
 # At most this many column names in one log line or error message.
 MAX_LISTED = 20
 
@@ -310,6 +312,12 @@ def resolve_mapping(
     candidates: dict[Signal, list[_Candidate]] = {}
     for column in columns:
         if column in explicit or column in bookkeeping:
+            continue
+        if _ATTENTION_TAG.match(column):
+            mapping.unused[column] = (
+                "a per-block summary of the attention probes, which stabilitylab import does "
+                "not read back (the run directory's attention table has every head)"
+            )
             continue
         candidate = alias_candidate(column)
         if candidate is None:

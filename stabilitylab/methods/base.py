@@ -25,7 +25,7 @@ from torch import nn
 
 @dataclass(frozen=True)
 class StepSchedule:
-    """Where a step sits in training, for the schedules that methods keep by epoch or step."""
+    """Training length in steps and epochs, for the schedules that methods keep by epoch."""
 
     total_steps: int
     steps_per_epoch: int

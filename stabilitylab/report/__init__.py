@@ -5,6 +5,7 @@
 - ``report.html``: a self-contained page, with figures embedded as base64 PNG data URIs;
 - ``report.md``: the same tables, with image links to the PNG files;
 - ``knn_top1.png``, ``loss.png``, ``grad_first_last.png`` and ``grad_heatmap.png``;
+- ``attention.png`` when a run has attention probes;
 - for a sweep folder also ``sweep_knn_top1.png`` and ``sweep_dips.png``;
 - ``events.json``: every detected event of every run and the detector parameters.
 
@@ -24,11 +25,13 @@ from typing import Any
 from stabilitylab.atomic import write_bytes_atomic, write_text_atomic
 from stabilitylab.detect import DetectorParams, RunEvents, detect_run
 from stabilitylab.errors import RunDirError
+from stabilitylab.report.attention import attention_figures
 from stabilitylab.report.content import ReportContent
 from stabilitylab.report.document import build_report_content
 from stabilitylab.report.figures import render_figures
 from stabilitylab.report.html import render_html
 from stabilitylab.report.markdown import render_markdown
+from stabilitylab.report.methods import build_method_report
 from stabilitylab.report.summary import run_labels
 from stabilitylab.report.sweep import build_sweep_report, load_report_sweep
 from stabilitylab.runs import CONFIG_FILE, is_report_dir, make_dir, read_run
@@ -53,7 +56,8 @@ def write_report(
     """Write the stability report for ``run_paths`` and return the report folder.
 
     A single folder that contains ``sweep.json`` is a sweep: the report covers its grid
-    points' runs and adds the sweep sections, and events.json gains a ``sweep`` key.
+    points' runs and adds the sweep sections, and events.json gains a ``sweep`` key. Runs of
+    several methods add the per-method section and a ``methods`` key.
 
     The default folder is ``RUN_DIR/report`` for one run or sweep. For several runs it is ``report``
     in the folder that contains the first run, so runs kept side by side share one report
@@ -73,12 +77,14 @@ def write_report(
     params = params or DetectorParams()
     events = [detect_run(run, params) for run in runs]
     labels = run_labels(runs)
-    figures = render_figures(runs, events, labels)
+    figures = render_figures(runs, events, labels) + attention_figures(runs, events, labels)
+    methods = build_method_report(runs, events)
     extra = build_sweep_report(sweep, runs, events) if sweep is not None else None
-    content = build_report_content(
-        runs, events, labels, figures, params, extra_sections=extra.sections if extra else ()
-    )
+    sections = [*(methods.sections if methods else ()), *(extra.sections if extra else ())]
+    content = build_report_content(runs, events, labels, figures, params, extra_sections=sections)
     payload = events_payload(events, labels, params)
+    if methods is not None:
+        payload["methods"] = methods.payload
     if extra is not None:
         content.title = extra.title
         payload["sweep"] = extra.payload

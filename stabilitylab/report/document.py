@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from stabilitylab.detect import DetectorParams, RunEvents
+from stabilitylab.report.attention import attention_events_section, attention_summary
 from stabilitylab.report.content import Block, FigureImage, ReportContent, Section
 from stabilitylab.report.diagnosis import (
     arm_difference_table,
@@ -58,7 +59,14 @@ def build_report_content(
     """
     sections = [
         _runs_section(runs, labels),
-        Section("Summary", [summary_table(runs, events, labels), SUMMARY_NOTE]),
+        Section(
+            "Summary",
+            [
+                summary_table(runs, events, labels),
+                SUMMARY_NOTE,
+                *attention_summary(runs, events, labels),
+            ],
+        ),
         Section(
             "Diagnosis",
             [verdict_table(runs, events, labels), lag_table(events, labels, runs)],
@@ -130,4 +138,5 @@ def _events_section(run_events: RunEvents, label: str, dense_monitor: bool = Fal
     faults = planted_faults_table(run_events)
     if faults is not None:
         section.blocks.append(faults)
+    section.blocks.extend(attention_events_section(run_events, MAX_SPIKE_ROWS))
     return section

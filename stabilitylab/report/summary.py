@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stabilitylab.config import with_field_defaults
+from stabilitylab.config import METHODS, with_field_defaults
 from stabilitylab.detect import (
     GRAD_NORM,
     LOSS,
@@ -92,11 +92,16 @@ def run_labels(runs: Sequence[Run]) -> list[str]:
     """Return one distinct legend label per run.
 
     This is ``run.label`` unless two runs share a folder name, in which case the parent
-    folder is prefixed, and a counter is appended if the labels still collide.
+    folder is prefixed, and a counter is appended if the labels still collide. When the
+    runs are of several methods, each label also names its run's method, unless the folder
+    name does.
     """
+    with_method = differ_by_method(runs)
     names = Counter(run.name for run in runs)
+    own = [_run_label(run, with_method) for run in runs]
     labels = [
-        run.label if names[run.name] == 1 else f"{run.path.parent.name}/{run.label}" for run in runs
+        label if names[run.name] == 1 else f"{run.path.parent.name}/{label}"
+        for run, label in zip(runs, own, strict=True)
     ]
     seen: Counter[str] = Counter()
     distinct = []
@@ -105,6 +110,48 @@ def run_labels(runs: Sequence[Run]) -> list[str]:
         seen[label] += 1
         distinct.append(label if totals[label] == 1 else f"{label} #{seen[label]}")
     return distinct
+
+
+def _run_label(run: Run, with_method: bool) -> str:
+    """Return ``run.label``, or with ``with_method`` the folder name tagged with method and arm."""
+    if not with_method:
+        return run.label
+    name = run.name.lower()
+    method = run_method(run)
+    tags = []
+    if method is None or method.lower() not in name:
+        tags.append(method_text(method))
+    # As Run.label does: the arm is left out when the name says it, and only it.
+    other = "learned" if run.frozen else "frozen"
+    if not (run.arm in name and other not in name):
+        tags.append(run.arm)
+    return f"{run.name} ({', '.join(tags)})" if tags else run.name
+
+
+def run_method(run: Run) -> str | None:
+    """Return the run's self-supervised method, or None for an import that records none.
+
+    A run of ``stabilitylab run`` recorded before the method option existed trained MoCo
+    v3, the default that :func:`stabilitylab.config.with_field_defaults` fills in.
+    """
+    method = _filled_config(run).get("method")
+    return None if method is None else str(method)
+
+
+def method_text(method: str | None) -> str:
+    return "unknown method" if method is None else method
+
+
+def differ_by_method(runs: Sequence[Run]) -> bool:
+    """Tell whether ``runs`` are of more than one method (an unrecorded method counts as one)."""
+    return len({run_method(run) for run in runs}) > 1
+
+
+def method_order(method: str | None) -> tuple[int, str]:
+    """Sort key of methods: the order of ``stabilitylab run --method``, unknown ones last."""
+    if method in METHODS:
+        return (METHODS.index(method), "")
+    return (len(METHODS), method_text(method))
 
 
 def knn_curve(run: Run) -> pd.DataFrame:
@@ -252,9 +299,11 @@ def pairing_key(run: Run) -> str:
     """Return the run's configuration without the arm and bookkeeping settings, as text.
 
     A run of ``stabilitylab run`` (one without a ``source``) gets the defaults of the fields
-    added after it was recorded, so that runs of two versions still pair.
+    added after it was recorded, so that runs of two versions still pair. The method is
+    always part of the key, so runs of two methods never pair, imported runs included.
     """
     recipe = {k: v for k, v in _filled_config(run).items() if k not in PAIRING_IGNORED}
+    recipe["method"] = run_method(run)
     return json.dumps(recipe, sort_keys=True, default=str)
 
 
@@ -298,9 +347,27 @@ def group_pairs(pairs: Sequence[ArmPair]) -> list[tuple[str, list[ArmPair]]]:
 
 
 def _with_settings(runs: Sequence[Run], pairs: list[ArmPair]) -> list[ArmPair]:
-    """Name each pair's differing settings and order the pairs by them, then by seed."""
-    keys = [key for key in _differing_keys([runs[p.learned] for p in pairs]) if key != "seed"]
-    if not keys:
+    """Name each pair's differing settings and order the pairs by them, then by seed.
+
+    Pairs of several methods are grouped by method, in :func:`method_order`. Each setting
+    then starts with ``method NAME`` and lists only the values that differ among the pairs
+    of that method, because the method also sets its own defaults (temperature, heads ...).
+    """
+    if not differ_by_method([runs[pair.learned] for pair in pairs]):
+        return _named_pairs(runs, pairs)
+    by_method: dict[str | None, list[ArmPair]] = defaultdict(list)
+    for pair in pairs:
+        by_method[run_method(runs[pair.learned])].append(pair)
+    named = []
+    for method in sorted(by_method, key=method_order):
+        named += _named_pairs(runs, by_method[method], prefix=f"method {method_text(method)}")
+    return named
+
+
+def _named_pairs(runs: Sequence[Run], pairs: list[ArmPair], prefix: str = "") -> list[ArmPair]:
+    ignored = ("seed", "method")
+    keys = [key for key in _differing_keys([runs[p.learned] for p in pairs]) if key not in ignored]
+    if not keys and not prefix:
         return pairs
 
     def values(pair: ArmPair) -> list[Any]:
@@ -313,16 +380,15 @@ def _with_settings(runs: Sequence[Run], pairs: list[ArmPair]) -> list[ArmPair]:
             for value in values(pair)
         )
 
-    named = [
-        dataclasses.replace(
-            pair,
-            setting=", ".join(
-                f"{key} {format_config_value(value)}"
-                for key, value in zip(keys, values(pair), strict=True)
-            ),
-        )
-        for pair in pairs
-    ]
+    def setting(pair: ArmPair) -> str:
+        parts = [prefix] if prefix else []
+        parts += [
+            f"{key} {format_config_value(value)}"
+            for key, value in zip(keys, values(pair), strict=True)
+        ]
+        return ", ".join(parts)
+
+    named = [dataclasses.replace(pair, setting=setting(pair)) for pair in pairs]
     return sorted(named, key=order)  # stable, so seeds stay in order within a setting
 
 
@@ -428,9 +494,22 @@ def _mismatched_seeds(runs: Sequence[Run], paired_seeds: set[str]) -> list[str]:
         arms = {run.arm for run in seed_runs}
         if seed in paired_seeds or arms != {"learned", "frozen"}:
             continue
-        differing = ", ".join(_differing_keys(seed_runs))
+        differing = ", ".join(_differing_texts(seed_runs))
         notes.append(f"seed {seed}, whose learned and frozen runs also differ in {differing}")
     return notes
+
+
+def _differing_texts(runs: Sequence[Run]) -> list[str]:
+    """Name the settings in which ``runs`` differ, the method first with each arm's methods."""
+    keys = _differing_keys(runs)
+    if "method" not in keys:
+        return keys
+    arm_methods = []
+    for arm in ("learned", "frozen"):
+        methods = sorted({run_method(run) for run in runs if run.arm == arm}, key=method_order)
+        if methods:
+            arm_methods.append(f"{' and '.join(method_text(m) for m in methods)} {arm}")
+    return [f"method ({', '.join(arm_methods)})", *(key for key in keys if key != "method")]
 
 
 def _mean_row(final_deltas: list[float], best_deltas: list[float], title: str) -> tuple[str, ...]:

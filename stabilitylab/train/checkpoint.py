@@ -89,17 +89,33 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         # A truncated file fails as a zip archive (RuntimeError); a value that
         # weights_only=True rejects raises UnpicklingError.
         raise RunDirError(
-            f"{path} cannot be loaded ({_first_line(error)}); it is damaged or was not written "
-            "by stabilitylab run"
+            f"{path} cannot be loaded ({_load_failure(error)}); it is damaged or was not "
+            "written by stabilitylab run"
         ) from None
     if not isinstance(state, dict) or "step" not in state or "model" not in state:
         raise RunDirError(f"{path} is not a checkpoint of stabilitylab run (no step or model)")
     return state
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+def _load_failure(error: BaseException) -> str:
+    """Return the reason in torch.load's error, without its advice to load unsafely.
+
+    With weights_only=True, torch 2.14 starts the message with "Weights only load failed"
+    and advice to re-run with weights_only=False, which can run code from the file. The
+    reason follows on a later line, such as "Unsupported operand 103" for a file that is not
+    a pickle, or "Trying to load unsupported GLOBAL posix.system ..." for one that refers to
+    a function.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if not lines[0].startswith("Weights only load failed"):
+        return lines[0]
+    # Every line of advice names the weights_only argument; the reason does not.
+    reasons = [line for line in lines if "weights_only" not in line]
+    if not reasons:
+        return "weights-only loading rejected it"
+    return f"weights-only loading rejected it: {reasons[0].strip(' .')}"
 
 
 def capture_rng_state(device: torch.device) -> dict[str, Any]:

@@ -32,6 +32,10 @@ from stabilitylab.models.vit import (
     freeze_patch_embed,
     patch_embed_parameters,
 )
+from stabilitylab.monitor.attention import (
+    attention_due,
+    build_attention_probe,
+)
 from stabilitylab.monitor.knn_eval import evals_row
 from stabilitylab.monitor.recorder import HostStep, MetricsRecorder
 from stabilitylab.monitor.signals import TrainingMonitor
@@ -117,13 +121,18 @@ def build_optimizer(
     """Build timm's ``config.optimizer`` over ``parameters``, weight decay on all of them.
 
     MoCo v3 applies weight decay to every trainable parameter, biases and norms included.
-    Skipping a non-finite step without a host sync needs the fused AdamW kernel, because it
-    reads a device flag and leaves the weights and the moments unchanged where it is set.
-    Its rounding differs slightly from the default multi-tensor kernel's.
+    LAMB's built-in clipping is off (see below). Skipping a non-finite step without a host
+    sync needs the fused AdamW kernel, because it reads a device flag and leaves the weights
+    and the moments unchanged where it is set. Its rounding differs slightly from the default
+    multi-tensor kernel's.
     """
     extra: dict[str, Any] = {}
     if config.optimizer == "adamw" and config.on_nonfinite == "skip":
         extra["fused"] = True
+    if config.optimizer == "lamb":
+        # timm's Lamb clips the total gradient norm to 1.0 by default; --grad-clip is the
+        # only clipping here, so that an unclipped run is unclipped.
+        extra["max_grad_norm"] = None
     return create_optimizer_v2(
         parameters, opt=config.optimizer, lr=lr, weight_decay=config.weight_decay, **extra
     )
@@ -164,6 +173,24 @@ def epoch_loader(
         persistent_workers=False,
         worker_init_fn=ignore_interrupts_in_worker,
     )
+
+
+def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float, mode: str) -> None:
+    """Scale gradients down to ``max_norm``: their total norm, or each tensor's own norm.
+
+    ``parameter`` mode is DINO's ``clip_gradients``: a tensor whose norm exceeds the bound
+    is scaled by max_norm / (norm + 1e-6). Both modes scale by device tensors, so neither
+    needs a host sync.
+    """
+    if mode == "total":
+        torch.nn.utils.clip_grad_norm_(parameters, max_norm, foreach=True)
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    norms = torch._foreach_norm(grads)
+    factors = [(max_norm / (norm + 1e-6)).clamp(max=1.0) for norm in norms]
+    torch._foreach_mul_(grads, factors)
 
 
 class Trainer:
@@ -227,6 +254,10 @@ class Trainer:
         # Dense kNN rows wait for the next flush, so a frequent monitor does not write a file
         # per evaluation.
         self.dense_rows: list[dict[str, float]] = []
+        # None when the attention probes are off. Its rows also wait for the next flush.
+        self.attention = build_attention_probe(
+            config, self.model.backbone, data.knn_query, device, self.autocast
+        )
         # Steps whose optimiser step was not applied, and the step count of the last checkpoint.
         self.skipped_steps: list[int] = []
         self.checkpoint_step: int | None = None
@@ -263,6 +294,8 @@ class Trainer:
         if self.dense_rows:
             self.writer.append("dense_knn", pd.DataFrame(self.dense_rows))
             self.dense_rows = []
+        if self.attention is not None and self.attention.pending:
+            self.writer.append("attention", self.attention.drain())
         result = self.recorder.flush()
         if result is None:
             return
@@ -404,8 +437,7 @@ class Trainer:
             skip_nonfinite=self.skip_nonfinite,
         )
         if self.config.grad_clip is not None:
-            # foreach clipping scales by a device tensor, so it needs no host sync.
-            torch.nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip, foreach=True)
+            clip_gradients(self.trainable, self.config.grad_clip, self.config.grad_clip_mode)
         self.monitor.snapshot_weights()
         optimizer_step(self.optimizer, self.scaler, skip if self.skip_nonfinite else None)
         self.scaler.update()
@@ -469,6 +501,21 @@ class Trainer:
     def top1_standard_error(self, result: KnnResult) -> float:
         """Return the bootstrap standard error of ``result.top1`` in points, seeded by the step."""
         return bootstrap_accuracy_se(result.correct, seed=self.step)
+
+    def attention_due(self) -> bool:
+        """Tell whether the attention probes run after the current step."""
+        if self.attention is None:
+            return False
+        return attention_due(self.config.attention_every, self.step, self.derived.total_steps)
+
+    def probe_attention(self) -> None:
+        """Probe the attention of the current weights, keeping the rows for the next flush."""
+        if self.attention is None:
+            raise ValueError("the attention probes are off (attention_every 0)")
+        # Weights broken by a diverged step would give NaN rows: stop at that step instead.
+        if bool(self.monitor.nonfinite):
+            self.flush()
+        self.attention.record(self.step)
 
     def dense_due(self) -> bool:
         """Tell whether the dense kNN monitor evaluates after the current step."""
@@ -571,6 +618,8 @@ def _train_epochs(
                     progress.set_postfix(knn_top1=f"{result.top1:.1f}", refresh=False)
             if trainer.dense_due():
                 trainer.evaluate_dense()
+            if trainer.attention_due():
+                trainer.probe_attention()
             if trainer.recorder.due:
                 trainer.flush()
             if trainer.step % config.checkpoint_every == 0:
@@ -660,6 +709,8 @@ def train_run(trainer: Trainer, show_progress: bool | None = None) -> RunResult:
             try:
                 if trainer.step == 0:
                     trainer.evaluate()  # the starting point of the kNN curve
+                    if trainer.attention_due():
+                        trainer.probe_attention()
                 _train_epochs(trainer, progress, interrupts)
                 trainer.flush()
                 passed = trainer.check_frozen()

@@ -3,7 +3,9 @@
 ``stabilitylab run --resume RUN_DIR`` (:func:`resume_training`) reads the configuration
 in ``config.json``, applies the options passed with ``--resume``, and rejects any change
 outside :data:`MUTABLE_FIELDS`. It then loads the last readable checkpoint and drops the
-table rows recorded after it, which a killed run may have flushed. Training goes on from the
+table rows recorded after it, which a killed run may have flushed. When the ``steps`` or
+``layers`` table has lost rows before that checkpoint, in a damaged chunk for instance, it
+continues from the newest kept checkpoint before them instead. Training goes on from the
 checkpoint's step with the same batch, random streams, optimiser and monitor state. On the
 CPU, with the same library versions and thread count, the tables of the resumed run equal
 those of an uninterrupted run bit for bit, timings aside.
@@ -19,18 +21,30 @@ import dataclasses
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet
 import torch
 
 from probes.knn import KnnResult
 from stabilitylab.atomic import atomic_target
-from stabilitylab.config import FIELD_NAMES, Derived, RunConfig, build_config, derive, validate
+from stabilitylab.config import (
+    FIELD_NAMES,
+    METHOD_DEFAULTS,
+    Derived,
+    RunConfig,
+    build_config,
+    derive,
+    load_preset,
+    validate,
+)
 from stabilitylab.data import DataBundle, build_data
+from stabilitylab.data.images import UnreadableImagesError
 from stabilitylab.errors import ConfigError, DataError, RunDirError
 from stabilitylab.runs import (
     CHECKPOINT_FILE,
@@ -66,6 +80,11 @@ MUTABLE_FIELDS = (
     "tensorboard",
     "download",
 )
+# The options that may differ on resume, as the command names them: those of MUTABLE_FIELDS
+# and --keep-checkpoints-every, which resume_training takes as an argument of its own.
+MUTABLE_OPTIONS = tuple(
+    f"--{name.replace('_', '-')}" for name in (*MUTABLE_FIELDS, "keep_checkpoints_every")
+)
 # Derived values that depend on the data: a resume whose data give others is rejected.
 DATA_DERIVED_KEYS = (
     "train_size",
@@ -89,7 +108,8 @@ EXACTNESS_ENVIRONMENT_KEYS = (
     "torch_threads",
 )
 # Tables with one row per optimiser step: a checkpoint at step S covers rows 0 to S - 1.
-# The evaluation tables hold rows evaluated after S steps, so they keep rows 0 to S.
+# The other tables (evaluations, attention probes) hold rows measured after S steps, before
+# the checkpoint at S was written, so they keep rows 0 to S.
 STEP_TABLES = ("steps", "layers")
 
 
@@ -205,7 +225,7 @@ def resumed_config(
     if unknown:
         raise ConfigError(f"unknown configuration keys {unknown}; known keys: {list(FIELD_NAMES)}")
     if preset is not None:
-        resumed = build_config(preset, **overrides)
+        resumed = _preset_config(preset, overrides)
     else:
         resumed = dataclasses.replace(saved, **overrides)
     # Differences first: an option that differs may also be invalid with the run's values.
@@ -214,10 +234,31 @@ def resumed_config(
         raise ConfigError(
             f"--resume {run_dir}: the options differ from the run's configuration: "
             f"{'; '.join(differences)}. Resume without those options (the run's own values "
-            f"apply), or start a new run; only {', '.join(MUTABLE_FIELDS)} may change"
+            f"apply), or start a new run; only {', '.join(MUTABLE_OPTIONS[:-1])} and "
+            f"{MUTABLE_OPTIONS[-1]} may change"
         )
     validate(resumed)
     return saved, resumed
+
+
+def _preset_config(preset: str, overrides: Mapping[str, Any]) -> RunConfig:
+    """Build ``preset`` with ``overrides``, to compare it with the run's configuration.
+
+    build_config also validates the result, and a preset can be invalid on its own, such as
+    an image-folder preset without --data-dir. Its values are then taken unvalidated, so
+    that the comparison lists each key in which it differs from the run.
+    """
+    try:
+        return build_config(preset, **overrides)
+    except ConfigError:
+        values = load_preset(preset)
+        method = overrides.get("method") or values.get("method", RunConfig.method)
+        if method not in METHOD_DEFAULTS:
+            raise
+        # NOTE: build_config drops the preset's dataset- and method-sized values when the
+        # options change the dataset or the method; this keeps them. Either change is a
+        # difference from the run itself, so the resume is rejected all the same.
+        return RunConfig(**{**METHOD_DEFAULTS[method], **values, **overrides, "preset": preset})
 
 
 def _check_checkpoint_config(checkpoint: dict[str, Any], saved: RunConfig, path: Path) -> None:
@@ -256,6 +297,25 @@ def _environment_changes(record: RunRecord, environment: Mapping[str, Any]) -> l
 # -- checkpoints -----------------------------------------------------------------------------
 
 
+def restart_advice(run_dir: Path) -> str:
+    """Say how to train a run again from step 0 with its own configuration."""
+    return (
+        f"To train it again from step 0 with its own configuration, move {CHECKPOINT_FILE} and "
+        f"any checkpoint-NNNNNN.pt out of {run_dir} and resume again. --overwrite instead "
+        "starts a new run from the preset and the options given, not from this run's "
+        f"{CONFIG_FILE}"
+    )
+
+
+def _check_format(checkpoint: dict[str, Any], path: Path, run_dir: Path) -> None:
+    if checkpoint.get("format_version") != CHECKPOINT_FORMAT:
+        raise RunDirError(
+            f"{path} has checkpoint format {checkpoint.get('format_version')!r}; this "
+            f"stabilitylab resumes format {CHECKPOINT_FORMAT}, which also stores the random "
+            f"generator states. {restart_advice(run_dir)}"
+        )
+
+
 def latest_checkpoint(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
     """Load ``checkpoint.pt``, or the newest kept checkpoint when it is damaged.
 
@@ -274,16 +334,11 @@ def latest_checkpoint(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
             log.warning("%s; trying an older checkpoint", error)
             errors.append(str(error))
             continue
-        if checkpoint.get("format_version") != CHECKPOINT_FORMAT:
-            raise RunDirError(
-                f"{path} has checkpoint format {checkpoint.get('format_version')!r}; this "
-                f"stabilitylab resumes format {CHECKPOINT_FORMAT}, which also stores the random "
-                "generator states. Pass --overwrite to train the run again from the start"
-            )
+        _check_format(checkpoint, path, run_dir)
         return checkpoint, path
     raise RunDirError(
-        f"--resume {run_dir}: no checkpoint can be loaded ({'; '.join(errors)}); pass "
-        "--overwrite to train the run again from the start"
+        f"--resume {run_dir}: no checkpoint can be loaded ({'; '.join(errors)}). "
+        f"{restart_advice(run_dir)}"
     )
 
 
@@ -313,13 +368,69 @@ class ChunkAction:
 
     path: Path
     action: str
-    rows_dropped: int | None  # None for a damaged chunk, whose rows are unknown
+    rows_dropped: int | None  # None for a damaged chunk whose row count is unknown
+
+
+@dataclass(frozen=True)
+class DamagedChunk:
+    """A chunk that cannot be read, and the steps its rows lie between.
+
+    Chunks are written in step order, so its rows come after ``after_step``, the last step
+    of the readable chunks before it, and before ``before_step``, the first step of the
+    readable chunks after it. Either is None where no readable chunk is on that side.
+    """
+
+    path: Path
+    after_step: int | None
+    before_step: int | None
+    rows: int | None  # from the Parquet footer; None when the footer is lost too
+
+    @property
+    def name(self) -> str:
+        return f"{self.path.parent.name}/{self.path.name}"
+
+    def first_possible_step(self) -> int:
+        return 0 if self.after_step is None else self.after_step + 1
+
+    def steps_text(self) -> str:
+        """Describe the steps its rows lie between, such as ``after step 12 and before step 20``."""
+        bounds = []
+        if self.after_step is not None:
+            bounds.append(f"after step {self.after_step}")
+        if self.before_step is not None:
+            bounds.append(f"before step {self.before_step}")
+        return " and ".join(bounds) or "of unknown steps"
+
+    def describe(self) -> str:
+        rows = "row count unknown" if self.rows is None else f"{self.rows} rows"
+        return f"{self.name} ({self.path.stat().st_size} bytes, {rows})"
+
+
+@dataclass
+class TablePlan:
+    """The actions of a resume from the checkpoint at ``step`` on the chunks of one table."""
+
+    table: str
+    step: int
+    last_kept: int  # rows up to this step stay
+    actions: list[ChunkAction]
+    kept_steps: list[int]  # the step of every row kept, one entry per row
+    damaged: list[DamagedChunk]
+
+    @property
+    def rows_dropped(self) -> int:
+        return sum(action.rows_dropped or 0 for action in self.actions)
+
+    def lost(self) -> list[DamagedChunk]:
+        """Return the damaged chunks left in place, whose rows up to ``last_kept`` are lost."""
+        dropped = {action.path for action in self.actions if action.action == "drop"}
+        return [chunk for chunk in self.damaged if chunk.path not in dropped]
 
 
 def _last_kept_step(table: str, step: int, has_checkpoint: bool) -> int:
     if table in STEP_TABLES:
         return step - 1
-    # Evaluations at the checkpoint's step ran before it was written.
+    # Evaluations and probes at the checkpoint's step ran before it was written.
     return step if has_checkpoint else -1
 
 
@@ -330,48 +441,122 @@ def _read_steps(chunk: Path) -> pd.Series | None:
         return None
 
 
-def plan_table(table_dir: Path, last_kept: int) -> tuple[list[ChunkAction], list[int]]:
-    """Return the action for each chunk of a table and the steps of the rows kept.
+def _footer_rows(chunk: Path) -> int | None:
+    try:
+        return int(pyarrow.parquet.read_metadata(chunk).num_rows)
+    except Exception:  # a truncated file has no footer, so its row count is unknown
+        return None
 
-    Chunks are numbered in the order they were written, so a damaged chunk after one with
-    rows beyond ``last_kept`` is dropped too. A damaged chunk before a kept one means rows
-    before the checkpoint are lost, and raises RunDirError.
+
+def _damaged_chunk(
+    chunks: list[Path], steps: list[pd.Series | None], position: int
+) -> DamagedChunk:
+    before = [values for values in steps[:position] if values is not None and len(values)]
+    after = [values for values in steps[position + 1 :] if values is not None and len(values)]
+    return DamagedChunk(
+        chunks[position],
+        after_step=int(before[-1].max()) if before else None,
+        before_step=int(after[0].min()) if after else None,
+        rows=_footer_rows(chunks[position]),
+    )
+
+
+def plan_table(table_dir: Path, step: int, has_checkpoint: bool) -> TablePlan:
+    """Plan the action on each chunk of a table for a resume from the checkpoint at ``step``.
+
+    Rows after the checkpoint are dropped. A damaged chunk of ``steps`` or ``layers`` is
+    dropped too, and the caller checks that the rows kept cover every step before the
+    checkpoint. A damaged chunk of another table is dropped when all its rows lie after
+    the checkpoint. Otherwise it is left in place, because those rows cannot be measured
+    again and the table's readers warn about the gap it leaves.
     """
+    table = table_dir.name
+    last_kept = _last_kept_step(table, step, has_checkpoint)
     chunks = chunk_paths(table_dir)
     steps = [_read_steps(chunk) for chunk in chunks]
-    actions: list[ChunkAction] = []
-    kept_steps: list[int] = []
+    plan = TablePlan(table, step, last_kept, [], [], [])
     for position, (chunk, values) in enumerate(zip(chunks, steps, strict=True)):
         if values is None:
-            later_kept = any(v is not None and (v <= last_kept).any() for v in steps[position:])
-            if later_kept:
-                raise RunDirError(
-                    f"{chunk} is damaged and lies before the checkpoint, so the table has lost "
-                    "rows that a resume cannot recreate; pass --overwrite to train the run "
-                    "again from the start"
-                )
-            log.warning("%s is damaged and lies after the checkpoint, so it is removed", chunk)
-            actions.append(ChunkAction(chunk, "drop", None))
+            damaged = _damaged_chunk(chunks, steps, position)
+            plan.damaged.append(damaged)
+            if table not in STEP_TABLES and damaged.first_possible_step() <= last_kept:
+                plan.actions.append(ChunkAction(chunk, "keep", 0))
+            else:
+                plan.actions.append(ChunkAction(chunk, "drop", damaged.rows))
             continue
         keep = values <= last_kept
-        kept_steps += values[keep].astype(int).tolist()
+        plan.kept_steps += values[keep].astype(int).tolist()
         if keep.all():
-            actions.append(ChunkAction(chunk, "keep", 0))
+            plan.actions.append(ChunkAction(chunk, "keep", 0))
         elif not keep.any():
-            actions.append(ChunkAction(chunk, "drop", len(values)))
+            plan.actions.append(ChunkAction(chunk, "drop", len(values)))
         else:
-            actions.append(ChunkAction(chunk, "trim", int((~keep).sum())))
-    return actions, kept_steps
+            plan.actions.append(ChunkAction(chunk, "trim", int((~keep).sum())))
+    return plan
 
 
-def _check_complete(table: str, kept_steps: list[int], step: int, per_step: int) -> None:
-    expected = [value for value in range(step) for _ in range(per_step)]
-    if sorted(kept_steps) != expected:
-        raise RunDirError(
-            f"the {table} table contains {len(kept_steps)} rows for the {step} steps before the "
-            f"checkpoint, {len(expected)} expected; rows were lost or repeated, so the run "
-            "cannot continue exactly. Pass --overwrite to train it again from the start"
-        )
+def _step_ranges(steps: list[int]) -> str:
+    """Write sorted steps as ranges, such as ``3, 10 to 14``."""
+    ranges: list[list[int]] = []
+    for step in steps:
+        if ranges and step == ranges[-1][1] + 1:
+            ranges[-1][1] = step
+        else:
+            ranges.append([step, step])
+    return ", ".join(
+        str(first) if first == last else f"{first} to {last}" for first, last in ranges
+    )
+
+
+def _steps_word(steps: list[int]) -> str:
+    return f"{'step' if len(steps) == 1 else 'steps'} {_step_ranges(steps)}"
+
+
+def _gap(plan: TablePlan, per_step: int) -> str | None:
+    """Describe how the rows kept differ from ``per_step`` rows for each step before the checkpoint.
+
+    Returns None when they do not differ.
+    """
+    step = plan.step
+    counts = Counter(plan.kept_steps)
+    if sorted(plan.kept_steps) == [value for value in range(step) for _ in range(per_step)]:
+        return None
+    missing = [value for value in range(step) if counts[value] < per_step]
+    repeated = [value for value in range(step) if counts[value] > per_step]
+    problems = []
+    if missing:
+        problems.append(f"the rows of {_steps_word(missing)} are missing")
+    if repeated:
+        problems.append(f"the rows of {_steps_word(repeated)} appear more often than expected")
+    damaged = ""
+    if plan.damaged:
+        names = ", ".join(chunk.name for chunk in plan.damaged)
+        damaged = f" ({names} cannot be read)"
+    return (
+        f"the {plan.table} table contains {len(plan.kept_steps)} rows for the {step} steps before "
+        f"the checkpoint at step {step}, {step * per_step} expected: {' and '.join(problems)}"
+        f"{damaged}"
+    )
+
+
+def plan_tables(
+    run_dir: Path, step: int, has_checkpoint: bool, layers_per_step: int
+) -> tuple[dict[str, TablePlan], list[str]]:
+    """Plan every table for a resume from ``step``; return the plans and the gaps found.
+
+    A gap is a step table whose kept rows do not cover each step before the checkpoint
+    exactly once, so that a resume from ``step`` would not continue exactly.
+    """
+    plans = {}
+    gaps = []
+    for table in TABLE_COLUMNS:
+        plan = plan_table(run_dir / table, step, has_checkpoint)
+        plans[table] = plan
+        if table in STEP_TABLES:
+            gap = _gap(plan, 1 if table == "steps" else layers_per_step)
+            if gap is not None:
+                gaps.append(gap)
+    return plans, gaps
 
 
 def _apply(action: ChunkAction, last_kept: int) -> None:
@@ -394,34 +579,165 @@ def _remove_temporary_files(run_dir: Path) -> None:
                 entry.unlink()
 
 
+def _damaged_chunk_message(plan: TablePlan, chunk: DamagedChunk, has_checkpoint: bool) -> str:
+    if not has_checkpoint:
+        return (
+            f"{chunk.describe()} cannot be read and is removed; the run trains again from step "
+            "0 and records its rows again"
+        )
+    if chunk in plan.lost():
+        table, last_kept = plan.table, plan.last_kept
+        contents = (
+            f"{chunk.describe()} cannot be read: it contains {table} rows {chunk.steps_text()}"
+        )
+        left = "The file is left in place, so readers of the run warn about the gap"
+        if chunk.before_step is not None and chunk.before_step - 1 <= last_kept:
+            return (
+                f"{contents}, all at or before step {last_kept}, which the checkpoint covers. "
+                f"They cannot be measured again, so the {table} table lacks them. {left}"
+            )
+        return (
+            f"{contents}. Any of them at or before step {last_kept}, which the checkpoint "
+            f"covers, cannot be measured again, so the {table} table may lack them. {left}"
+        )
+    if plan.table in STEP_TABLES:
+        return (
+            f"{chunk.describe()} cannot be read and is removed; the other chunks hold the rows "
+            f"of all {plan.step} steps before the checkpoint, so its rows are from step "
+            f"{plan.step} on, and the resumed run records them again"
+        )
+    return (
+        f"{chunk.describe()} cannot be read and is removed; its rows lie {chunk.steps_text()}, "
+        f"after the checkpoint at step {plan.step}, so the resumed run records them again"
+    )
+
+
+def apply_plans(run_dir: Path, plans: dict[str, TablePlan], has_checkpoint: bool) -> None:
+    """Change the chunks as planned, warning about each damaged one, and remove temporary files."""
+    for plan in plans.values():
+        for chunk in plan.damaged:
+            log.warning("%s: %s", run_dir, _damaged_chunk_message(plan, chunk, has_checkpoint))
+        for action in plan.actions:
+            _apply(action, plan.last_kept)
+    _remove_temporary_files(run_dir)
+
+
 def truncate_tables(
     run_dir: Path, step: int, has_checkpoint: bool, layers_per_step: int
 ) -> dict[str, int]:
     """Drop the rows recorded after the checkpoint at ``step``; return the rows dropped per table.
 
-    Every table is planned before any file changes, so a run whose tables have lost rows
-    before the checkpoint is rejected untouched.
+    Every table is planned before any file changes, so a run whose step tables have lost
+    or repeated rows before the checkpoint is rejected untouched.
     """
-    plans = {}
-    for table in TABLE_COLUMNS:
-        table_dir = run_dir / table
-        last_kept = _last_kept_step(table, step, has_checkpoint)
-        if not table_dir.is_dir():
-            plans[table] = (last_kept, [])
+    plans, gaps = plan_tables(run_dir, step, has_checkpoint, layers_per_step)
+    if gaps:
+        raise RunDirError(
+            f"--resume {run_dir}: {'; '.join(gaps)}. The run cannot continue exactly from step "
+            f"{step}. {restart_advice(run_dir)}"
+        )
+    apply_plans(run_dir, plans, has_checkpoint)
+    return {table: plan.rows_dropped for table, plan in plans.items()}
+
+
+# -- where to resume from --------------------------------------------------------------------
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint a resume continues from, and the plan for the tables at its step.
+
+    ``checkpoint`` and ``path`` are None for a run that starts again from step 0.
+    """
+
+    checkpoint: dict[str, Any] | None
+    path: Path | None
+    plans: dict[str, TablePlan]
+
+    @property
+    def step(self) -> int:
+        return int(self.checkpoint["step"]) if self.checkpoint is not None else 0
+
+
+def _warn_missing_checkpoints(run_dir: Path, status: Mapping[str, Any]) -> None:
+    recorded = status.get("checkpoint_step")
+    if recorded is not None:
+        log.warning(
+            "%s: %s records a checkpoint at step %s, but the folder has no %s or "
+            "checkpoint-NNNNNN.pt, so the run trains again from step 0 with its own "
+            "configuration and records its rows again",
+            run_dir,
+            STATUS_FILE,
+            recorded,
+            CHECKPOINT_FILE,
+        )
+
+
+def _older_point(run_dir: Path, newest_step: int, layers_per_step: int) -> ResumePoint | None:
+    """Return the newest kept checkpoint before ``newest_step`` whose step tables are whole."""
+    for step, path in kept_checkpoints(run_dir):
+        if step >= newest_step:
             continue
-        actions, kept_steps = plan_table(table_dir, last_kept)
-        if table == "steps":
-            _check_complete(table, kept_steps, step, 1)
-        elif table == "layers":
-            _check_complete(table, kept_steps, step, layers_per_step)
-        plans[table] = (last_kept, actions)
-    dropped = {}
-    for table, (last_kept, actions) in plans.items():
-        for action in actions:
-            _apply(action, last_kept)
-        dropped[table] = sum(action.rows_dropped or 0 for action in actions)
-    _remove_temporary_files(run_dir)
-    return dropped
+        plans, gaps = plan_tables(run_dir, step, True, layers_per_step)
+        if gaps:
+            continue
+        try:
+            checkpoint = read_checkpoint(path)
+        except RunDirError as error:
+            log.warning("%s; trying an older checkpoint", error)
+            continue
+        _check_format(checkpoint, path, run_dir)
+        if int(checkpoint["step"]) != step:
+            log.warning(
+                "%s contains step %s, not the step %d of its name; trying an older checkpoint",
+                path,
+                checkpoint["step"],
+                step,
+            )
+            continue
+        return ResumePoint(checkpoint, path, plans)
+    return None
+
+
+def choose_resume_point(
+    run_dir: Path, status: Mapping[str, Any], layers_per_step: int
+) -> ResumePoint:
+    """Find the newest checkpoint from which the run can continue exactly.
+
+    That is the newest loadable checkpoint, unless the ``steps`` or ``layers`` table lacks
+    rows before it, for instance in a damaged chunk. The newest kept ``checkpoint-NNNNNN.pt``
+    before the lost rows is then used, because training on from there records them again.
+    Raises RunDirError when no such checkpoint exists. Nothing is changed on disk.
+    """
+    newest = latest_checkpoint(run_dir)
+    if newest is None:
+        _warn_missing_checkpoints(run_dir, status)
+        plans, _ = plan_tables(run_dir, 0, False, layers_per_step)
+        return ResumePoint(None, None, plans)
+    checkpoint, path = newest
+    step = int(checkpoint["step"])
+    plans, gaps = plan_tables(run_dir, step, True, layers_per_step)
+    if not gaps:
+        return ResumePoint(checkpoint, path, plans)
+    older = _older_point(run_dir, step, layers_per_step)
+    if older is None:
+        raise RunDirError(
+            f"--resume {run_dir}: {'; '.join(gaps)}. No kept checkpoint-NNNNNN.pt precedes "
+            f"the rows that are missing, so the run cannot continue exactly. "
+            f"{restart_advice(run_dir)}"
+        )
+    assert older.path is not None
+    log.warning(
+        "%s: %s; resuming from %s at step %d instead of %s at step %d, because training on "
+        "from there records those rows again",
+        run_dir,
+        "; ".join(gaps),
+        older.path.name,
+        older.step,
+        path.name,
+        step,
+    )
+    return older
 
 
 # -- resuming --------------------------------------------------------------------------------
@@ -487,7 +803,11 @@ def _build_data(
 ) -> tuple[DataBundle, Derived, dict[str, Any]]:
     """Build the run's data as a new run would, and check it against the recorded values."""
     seed_everything(config.seed)
-    data = build_data(config)
+    try:
+        data = build_data(config)
+    except UnreadableImagesError as error:
+        raise error.for_resume() from None
+    data.mark_resumed()
     derived = derive(config, len(data.train), data.in_chans, data.num_classes, data.img_size)
     _check_same_data(record, derived)
     environment = describe_environment(device, config.seed)
@@ -552,26 +872,44 @@ def resume_training(
     autocast_factory(config.precision, device)
     _check_tensorboard_on_resume(config, run_dir)
     with RunLock(run_dir):
-        found = latest_checkpoint(run_dir)
-        checkpoint, source = found if found is not None else (None, None)
-        if checkpoint is not None:
-            _check_checkpoint_config(checkpoint, saved, source)
-        data, derived, environment = _build_data(record, config, device)
-        step = int(checkpoint["step"]) if checkpoint is not None else 0
         layers = record.derived.get("layers") or []
-        dropped = truncate_tables(run_dir, step, checkpoint is not None, len(layers))
-        _record_resume(run_dir, record, saved, config, step, environment)
+        point = choose_resume_point(run_dir, record.status, len(layers))
+        if point.checkpoint is not None:
+            assert point.path is not None
+            _check_checkpoint_config(point.checkpoint, saved, point.path)
+        data, derived, environment = _build_data(record, config, device)
+        apply_plans(run_dir, point.plans, point.checkpoint is not None)
+        _record_resume(run_dir, record, saved, config, point.step, environment)
         data.attach_run_dir(run_dir)  # skipped_images.json, with --skip-bad-images
         trainer = _resumed_trainer(
-            record, config, data, derived, device, checkpoint, keep_checkpoints_every
+            record, config, data, derived, device, point.checkpoint, keep_checkpoints_every
         )
         trainer.writer.write_status("running", step=trainer.step, total_steps=derived.total_steps)
         log.info(
-            "%s: resuming at step %d of %d from %s; dropped the rows recorded after it: %s",
+            "%s: resuming at step %d of %d from %s; dropped the rows recorded after it: %s%s",
             run_dir,
-            step,
+            point.step,
             derived.total_steps,
-            source.name if source is not None else "the start (no checkpoint)",
-            ", ".join(f"{table} {count}" for table, count in dropped.items()),
+            point.path.name if point.path is not None else "the start (no checkpoint)",
+            ", ".join(f"{table} {plan.rows_dropped}" for table, plan in point.plans.items()),
+            _lost_summary(point.plans),
         )
         return train_run(trainer, show_progress)
+
+
+def _lost_summary(plans: dict[str, TablePlan]) -> str:
+    """Count the rows lost in damaged chunks left in place, for the resume's log line."""
+    parts = []
+    for table, plan in plans.items():
+        lost = plan.lost()
+        if not lost:
+            continue
+        known = [chunk.rows for chunk in lost if chunk.rows is not None]
+        if len(known) == len(lost):
+            rows = str(sum(known))
+        elif known:
+            rows = f"at least {sum(known)}"
+        else:
+            rows = "an unknown number"
+        parts.append(f"{table} {rows} ({len(lost)} chunk{'s' if len(lost) > 1 else ''})")
+    return f"; rows lost in damaged chunks: {', '.join(parts)}" if parts else ""

@@ -8,7 +8,10 @@ step as the TensorBoard step:
 - ``layers``: ``<column>/<layer>``, such as ``grad_norm/blocks.00`` and
   ``update_ratio/patch_embed``;
 - ``evals``: ``knn/<column>``, such as ``knn/knn_top1``;
-- ``dense_knn``: ``dense_knn/<column>``.
+- ``dense_knn``: ``dense_knn/<column>``;
+- ``attention``: per block the lowest entropy and the highest maximum logit over its heads,
+  ``attention_entropy/<layer>`` and ``attention_max_logit/<layer>``, such as
+  ``attention_entropy/blocks.00``. The per-head values are in the run directory only.
 
 The values come from the host-side frames of the flush, so writing them adds no device
 synchronisation. NaN values (a frozen patch projection has no gradient norm) are not
@@ -27,6 +30,7 @@ from typing import Any
 
 import pandas as pd
 
+from stabilitylab.detect.attention import HEAD_REDUCTIONS, SERIES_PREFIXES
 from stabilitylab.errors import ConfigError
 from stabilitylab.runs import EVENT_FILE_PREFIX, TABLE_COLUMNS, RunWriter
 
@@ -146,6 +150,8 @@ class TensorBoardRunWriter(RunWriter):
         super().append(table, frame)
         if table == "layers":
             self._write_layers(frame)
+        elif table == "attention":
+            self._write_attention(frame)
         else:
             self._write_rows(table, frame)
         if table == "steps":
@@ -167,6 +173,16 @@ class TensorBoardRunWriter(RunWriter):
                 for column in LAYER_COLUMNS
                 for layer, value in zip(layers, rows[column].to_numpy(dtype="float64"), strict=True)
             ]
+            self._write_step(int(step), pairs)
+
+    def _write_attention(self, frame: pd.DataFrame) -> None:
+        for step, rows in frame.groupby("step", sort=False):
+            pairs = []
+            # One value per block, reduced over the heads as the detector's series are.
+            for column, reduction in HEAD_REDUCTIONS.items():
+                per_layer = rows.groupby("layer", sort=False, observed=True)[column].agg(reduction)
+                prefix = SERIES_PREFIXES[column]
+                pairs += [(f"{prefix}/{layer}", value) for layer, value in per_layer.items()]
             self._write_step(int(step), pairs)
 
     def _write_step(self, step: int, pairs: list[tuple[str, float]]) -> None:
