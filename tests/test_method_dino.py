@@ -1,7 +1,6 @@
 """DINO: loss, centre, teacher temperature, last-layer freeze, teacher EMA, runs and resume.
 
-The runs train on the first 48 digits at 8 px (the resume tests' small split), so each takes
-seconds on a CPU.
+The runs train on the small digits split of method_runs.py, so each takes seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -13,24 +12,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_nonfinite import HOST_READS
-from test_resume import (
-    SMALL_ARGS,
-    SMALL_RUN,
-    SMALL_STEPS,
-    assert_same_tables,
-    assert_same_weights,
-    interrupt_at,
-    run_cli_here,
-    small_digits,
-    status_of,
-    use_data,
+from method_runs import (
+    check_frozen_patch_embed,
+    check_resume_bit_exact,
+    derived_for,
+    small_run,
+    uninterrupted_run,
 )
+from test_nonfinite import HOST_READS
+from test_resume import SMALL_ARGS, run_cli_here, small_digits, status_of, use_data
 from torch import nn
 
 import stabilitylab.train.loop as loop
-import stabilitylab.train.resume as resume
-from stabilitylab.config import build_config, derive
+from stabilitylab.config import build_config
 from stabilitylab.methods.base import StepSchedule, pooled
 from stabilitylab.methods.dino import DINO, dino_loss, teacher_temperature_at
 from stabilitylab.runs import read_run
@@ -38,13 +32,7 @@ from stabilitylab.train.checkpoint import load_checkpoint
 
 # Multi-crop on, a small output layer, and the last layer frozen for the first epoch of 6
 # steps, so the resumed steps cover both the frozen and the trained last layer.
-DINO_RUN = {
-    **SMALL_RUN,
-    "method": "dino",
-    "num_prototypes": 64,
-    "local_crops": 2,
-    "freeze_last_layer_epochs": 1.0,
-}
+DINO_RUN = small_run("dino", num_prototypes=64, local_crops=2, freeze_last_layer_epochs=1.0)
 DINO_ARGS = [
     *SMALL_ARGS,
     "--method=dino",
@@ -57,8 +45,7 @@ STEPS_PER_EPOCH = 6
 
 def _model(tiny_config, **overrides) -> DINO:
     config = tiny_config(method="dino", **{"num_prototypes": 256, "local_crops": 2, **overrides})
-    derived = derive(config, train_size=1347, in_chans=1, num_classes=10)
-    return loop.build_model(config, derived)
+    return loop.build_model(config, derived_for(config))
 
 
 def _views(batch: int = 8, local_crops: int = 2) -> list[torch.Tensor]:
@@ -408,11 +395,10 @@ def test_loss_decreases_with_local_crops(tmp_path, monkeypatch):
 
 
 def test_frozen_patch_embed_bit_identical(tmp_path, monkeypatch):
-    use_data(small_digits, monkeypatch)
-    config = build_config("digits", **{**DINO_RUN, "freeze_patch_embed": True})
-    result = loop.run_training(config, tmp_path / "run", show_progress=False)
-    assert result.frozen_check_passed is True
-    check = json.loads((tmp_path / "run" / "frozen_check.json").read_text())
+    # The rest of the student and the teacher did train.
+    block = "blocks.0.attn.qkv.weight"
+    trained = [f"backbone.{block}", f"teacher_backbone.{block}"]
+    check = check_frozen_patch_embed(DINO_RUN, tmp_path / "run", monkeypatch, trained)
     names = sorted(entry["name"] for entry in check["parameters"])
     assert names == [
         "backbone.patch_embed.proj.bias",
@@ -420,15 +406,6 @@ def test_frozen_patch_embed_bit_identical(tmp_path, monkeypatch):
         "teacher_backbone.patch_embed.proj.bias",
         "teacher_backbone.patch_embed.proj.weight",
     ]
-    derived = derive(config, 48, in_chans=1, num_classes=10, img_size=8)
-    initial = loop.build_model(config, derived).state_dict()
-    final = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["model"]
-    for name in names:
-        assert torch.equal(final[name], initial[name]), name
-    # The rest of the student and the teacher did train.
-    block = "blocks.0.attn.qkv.weight"
-    assert not torch.equal(final[f"backbone.{block}"], initial[f"backbone.{block}"])
-    assert not torch.equal(final[f"teacher_backbone.{block}"], initial[f"teacher_backbone.{block}"])
 
 
 def test_prototype_gradients_absent_first_epoch(tmp_path, monkeypatch):
@@ -445,31 +422,16 @@ def test_prototype_gradients_absent_first_epoch(tmp_path, monkeypatch):
     assert projector["grad_norm"].notna().all()
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """An uninterrupted DINO run with local crops on the small split."""
-    out = tmp_path_factory.mktemp("dino-reference") / "run"
-    with pytest.MonkeyPatch.context() as patch:
-        use_data(small_digits, patch)
-        loop.run_training(build_config("digits", **DINO_RUN), out, show_progress=False)
-    return out
+reference = uninterrupted_run(
+    DINO_RUN, "An uninterrupted DINO run with local crops on the small split."
+)
 
 
 def test_resume_bit_exact(reference, tmp_path, monkeypatch):
-    out = tmp_path / "interrupted"
-    use_data(small_digits, monkeypatch)
-    interrupt_at(monkeypatch, step=8)  # in epoch 1, after the last layer starts training
-    with pytest.raises(KeyboardInterrupt):
-        loop.run_training(build_config("digits", **DINO_RUN), out, show_progress=False)
-    assert load_checkpoint(out / "checkpoint.pt")["step"] == 9
-
-    monkeypatch.undo()
-    use_data(small_digits, monkeypatch)
-    result = resume.resume_training(out, show_progress=False)
-    assert result.steps == SMALL_STEPS
-    assert_same_tables(out, reference)
-    assert_same_weights(out, reference)
-    resumed = load_checkpoint(out / "checkpoint.pt")["model"]
+    # Interrupted in epoch 1, after the last layer starts training.
+    _, resumed = check_resume_bit_exact(
+        DINO_RUN, reference, tmp_path / "interrupted", monkeypatch, interrupt_step=8
+    )
     uninterrupted = load_checkpoint(reference / "checkpoint.pt")["model"]
     assert torch.equal(resumed["center"], uninterrupted["center"])
     assert resumed["center"].abs().sum() > 0

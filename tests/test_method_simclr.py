@@ -1,50 +1,33 @@
 """SimCLR: NT-Xent against a loop reference, chance level, training, freeze, resume and CLI.
 
-The short runs train on the first 48 digits at 8 px (the helpers of test_resume.py), so
-each takes seconds on a CPU.
+The short runs train on the small digits split through the checks of method_runs.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from test_resume import (
-    SMALL_ARGS,
-    SMALL_RUN,
-    SMALL_STEPS,
-    TRAIN_IMAGES,
-    assert_same_tables,
-    assert_same_weights,
-    interrupt_at,
-    run_cli_here,
-    small_digits,
-    use_data,
+from method_runs import (
+    assert_gradients_flow,
+    build_model_for,
+    check_cli_both_arms,
+    check_frozen_patch_embed,
+    check_resume_bit_exact,
+    small_run,
+    uninterrupted_run,
 )
 
 import stabilitylab as sl
 import stabilitylab.train.loop as loop
-import stabilitylab.train.resume as resume
-from stabilitylab.config import build_config, derive
 from stabilitylab.detect.sanity import chance_loss
 from stabilitylab.methods.simclr import SimCLR, nt_xent_loss
-from stabilitylab.models.layers import head_groups, vit_layer_groups
-from stabilitylab.runs import FROZEN_CHECK_FILE
-from stabilitylab.train.checkpoint import load_checkpoint
+from stabilitylab.models.layers import head_groups
 
-SMALL_SIMCLR = {**SMALL_RUN, "method": "simclr"}
-
-
-def _derived(config, train_size=1347):
-    return derive(config, train_size=train_size, in_chans=1, num_classes=10)
-
-
-def build_model_for(config):
-    return loop.build_model(config, _derived(config))
+SMALL_SIMCLR = small_run("simclr")
 
 
 def reference_nt_xent(view1: np.ndarray, view2: np.ndarray, temperature: float) -> float:
@@ -159,10 +142,7 @@ def test_every_trainable_parameter_gets_gradient(tiny_config):
     loss.backward()
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     assert trainable
-    for name, parameter in trainable:
-        assert parameter.grad is not None, name
-        assert torch.isfinite(parameter.grad).all(), name
-        assert parameter.grad.abs().sum() > 0, name
+    assert_gradients_flow(trainable)
     # The only parameter outside training is the fixed position embedding.
     fixed = [name for name, p in model.named_parameters() if not p.requires_grad]
     assert fixed == ["backbone.pos_embed"]
@@ -194,70 +174,29 @@ def test_loss_decreases(tiny_config, tmp_path):
 
 
 def test_frozen_patch_embed_bit_identical(tmp_path, monkeypatch):
-    use_data(small_digits, monkeypatch)
-    config = build_config("digits", **{**SMALL_SIMCLR, "freeze_patch_embed": True})
-    result = loop.run_training(config, tmp_path / "frozen", show_progress=False)
-    assert result.frozen_check_passed is True
-    check = json.loads((tmp_path / "frozen" / FROZEN_CHECK_FILE).read_text())
+    # The rest of the backbone did train.
+    trained = ["backbone.blocks.0.attn.qkv.weight"]
+    check = check_frozen_patch_embed(SMALL_SIMCLR, tmp_path / "frozen", monkeypatch, trained)
     names = [entry["name"] for entry in check["parameters"]]
     assert names == ["backbone.patch_embed.proj.weight", "backbone.patch_embed.proj.bias"]
     assert check["max_abs_diff"] == 0.0
 
-    initial = loop.build_model(config, _derived(config, TRAIN_IMAGES)).state_dict()
-    final = load_checkpoint(tmp_path / "frozen" / "checkpoint.pt")["model"]
-    for name in names:
-        assert torch.equal(final[name], initial[name]), name
-    # The rest of the backbone did train.
-    weight = "backbone.blocks.0.attn.qkv.weight"
-    assert not torch.equal(final[weight], initial[weight])
 
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """An uninterrupted SimCLR run of the small configuration."""
-    out = tmp_path_factory.mktemp("simclr-reference") / "run"
-    with pytest.MonkeyPatch.context() as patch:
-        use_data(small_digits, patch)
-        loop.run_training(build_config("digits", **SMALL_SIMCLR), out, show_progress=False)
-    return out
+reference = uninterrupted_run(
+    SMALL_SIMCLR, "An uninterrupted SimCLR run of the small configuration."
+)
 
 
 def test_resume_bit_exact(reference, tmp_path, monkeypatch):
-    out = tmp_path / "interrupted"
-    use_data(small_digits, monkeypatch)
-    interrupt_at(monkeypatch, step=7)  # mid-epoch: 6 steps per epoch
-    with pytest.raises(KeyboardInterrupt):
-        loop.run_training(build_config("digits", **SMALL_SIMCLR), out, show_progress=False)
-    assert load_checkpoint(out / "checkpoint.pt")["step"] == 8
-
-    monkeypatch.undo()
-    use_data(small_digits, monkeypatch)
-    result = resume.resume_training(out, show_progress=False)
-    assert result.steps == SMALL_STEPS
-    assert_same_tables(out, reference)
-    assert_same_weights(out, reference)
+    # Interrupted mid-epoch: 6 steps per epoch.
+    _, state = check_resume_bit_exact(
+        SMALL_SIMCLR, reference, tmp_path / "interrupted", monkeypatch, interrupt_step=7
+    )
     # The projector's BN statistics are the method's only state besides the weights.
-    state = load_checkpoint(out / "checkpoint.pt")["model"]
     assert "projector.1.running_mean" in state
     assert "projector.4.running_var" in state
 
 
 def test_cli_run_both_arms(tmp_path, monkeypatch):
-    use_data(small_digits, monkeypatch)
-    for arm, extra in (("learned", []), ("frozen", ["--freeze-patch-embed"])):
-        args = ["run", "--method", "simclr", "--out", str(tmp_path / arm), "--quiet"]
-        assert run_cli_here([*args, *SMALL_ARGS, *extra]) == 0, arm
-
-    learned = json.loads((tmp_path / "learned" / "config.json").read_text())
-    frozen = json.loads((tmp_path / "frozen" / "config.json").read_text())
-    assert learned["config"]["method"] == "simclr"
+    learned = check_cli_both_arms("simclr", tmp_path, monkeypatch)
     assert learned["config"]["temperature"] == 0.1
-    assert learned["derived"]["init_fingerprint"] == frozen["derived"]["init_fingerprint"]
-    depth = build_config("digits", **SMALL_SIMCLR).model_spec.depth
-    assert learned["derived"]["layers"] == vit_layer_groups(depth, heads=head_groups("simclr"))
-    check = json.loads((tmp_path / "frozen" / FROZEN_CHECK_FILE).read_text())
-    assert check["passed"] is True
-    for arm in ("learned", "frozen"):
-        status = json.loads((tmp_path / arm / "status.json").read_text())
-        assert status["state"] == "finished", arm
-        assert status["step"] == SMALL_STEPS, arm

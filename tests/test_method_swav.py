@@ -2,8 +2,8 @@
 
 The reference values are computed with plain Python loops, independently of the module.
 The runs train on the bundled digits: one tiny run at 16 px for the loss, the frozen patch
-projection and the prototype freeze, and the 8 px runs of test_resume for exact resume and
-the CLI.
+projection and the prototype freeze, and the 8 px runs of method_runs.py for exact resume
+and the CLI.
 """
 
 from __future__ import annotations
@@ -15,33 +15,29 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY_RUN
-from test_resume import (
-    SMALL_ARGS,
-    SMALL_RUN,
-    assert_same_tables,
-    assert_same_weights,
-    interrupt_at,
-    run_cli_here,
-    small_digits,
-    use_data,
+from method_runs import (
+    DIGITS_TRAIN_SIZE,
+    assert_gradients_flow,
+    check_resume_bit_exact,
+    derived_for,
+    run_cli_both_arms,
+    small_run,
+    uninterrupted_run,
 )
 
 import stabilitylab
 import stabilitylab.train.loop as loop
-import stabilitylab.train.resume as resume
-from stabilitylab.config import MODELS, build_config, derive
+from stabilitylab.config import MODELS, build_config
 from stabilitylab.methods.swav import SwAV, sinkhorn_knopp, swapped_prediction_loss
 from stabilitylab.models.vit import build_backbone
 from stabilitylab.train.checkpoint import load_checkpoint
 
-TRAIN_SIZE = 1347  # digits training split
-STEPS_PER_EPOCH = TRAIN_SIZE // TINY_RUN["batch_size"]
+STEPS_PER_EPOCH = DIGITS_TRAIN_SIZE // TINY_RUN["batch_size"]
 
 
 def _model(tiny_config, **overrides) -> SwAV:
     config = tiny_config(method="swav", **overrides)
-    derived = derive(config, train_size=TRAIN_SIZE, in_chans=1, num_classes=10)
-    model = loop.build_model(config, derived)
+    model = loop.build_model(config, derived_for(config))
     assert isinstance(model, SwAV)
     return model
 
@@ -203,11 +199,7 @@ def test_every_trainable_parameter_gets_gradient(tiny_config):
     loss, _ = model.training_loss(_views(16), step=0)
     loss.backward()
     model.adjust_gradients(step=0)
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            assert parameter.grad is not None, name
-            assert torch.isfinite(parameter.grad).all(), name
-            assert parameter.grad.abs().sum() > 0, name
+    assert_gradients_flow((n, p) for n, p in model.named_parameters() if p.requires_grad)
 
 
 def test_no_target_network(tiny_config):
@@ -372,46 +364,30 @@ def test_run_prototypes_frozen_first_epoch(frozen_run):
     assert checkpoint["model"]["queue_filled"].item() == 128
 
 
-SWAV_SMALL_RUN = {
-    **SMALL_RUN,
-    "method": "swav",
-    "num_prototypes": 30,
+SWAV_SMALL_RUN = small_run(
+    "swav",
+    num_prototypes=30,
     # Two batches of 8 per view, full after step 1 and in use from step 3 on.
-    "queue_length": 16,
-    "queue_start_epochs": 0.5,
-}
+    queue_length=16,
+    queue_start_epochs=0.5,
+)
+reference = uninterrupted_run(SWAV_SMALL_RUN, "An uninterrupted SwAV run with a queue.")
 
 
-def test_resume_exact(tmp_path, monkeypatch):
-    use_data(small_digits, monkeypatch)
-    reference = tmp_path / "reference"
-    loop.run_training(build_config("digits", **SWAV_SMALL_RUN), reference, show_progress=False)
-
-    out = tmp_path / "interrupted"
-    interrupt_at(monkeypatch, step=6)
-    with pytest.raises(KeyboardInterrupt):
-        loop.run_training(build_config("digits", **SWAV_SMALL_RUN), out, show_progress=False)
-    checkpoint = load_checkpoint(out / "checkpoint.pt")
-    assert checkpoint["step"] == 7
-    assert checkpoint["model"]["queue_filled"].item() == 16
-
-    monkeypatch.undo()
-    use_data(small_digits, monkeypatch)
-    result = resume.resume_training(out, show_progress=False)
-    assert result.steps == 18
-    assert_same_tables(out, reference)
-    assert_same_weights(out, reference)  # the queue and its fill count included
+def test_resume_exact(reference, tmp_path, monkeypatch):
+    interrupted, _ = check_resume_bit_exact(
+        SWAV_SMALL_RUN, reference, tmp_path / "interrupted", monkeypatch, interrupt_step=6
+    )
+    # The queue and its fill count are part of the compared weights.
+    assert interrupted["model"]["queue_filled"].item() == 16
 
 
 def test_cli_run_both_arms(tmp_path, monkeypatch):
-    use_data(small_digits, monkeypatch)
-    for arm, extra in (("learned", []), ("frozen", ["--freeze-patch-embed"])):
-        out = tmp_path / arm
-        args = ["run", "--method", "swav", "--out", str(out), "--quiet", *SMALL_ARGS]
-        assert run_cli_here([*args, "--num-prototypes=30", *extra]) == 0, arm
+    outs = run_cli_both_arms("swav", tmp_path, monkeypatch, ["--num-prototypes=30"])
+    for arm, out in outs.items():
         config = json.loads((out / "config.json").read_text())
-        assert config["config"]["method"] == "swav"
-        assert config["derived"]["layers"][-2:] == ["projector", "prototypes"]
+        assert config["config"]["method"] == "swav", arm
+        assert config["derived"]["layers"][-2:] == ["projector", "prototypes"], arm
         status = json.loads((out / "status.json").read_text())
-        assert status["state"] == "finished"
-        assert status["frozen_check_passed"] is (True if extra else None)
+        assert status["state"] == "finished", arm
+        assert status["frozen_check_passed"] is (True if arm == "frozen" else None), arm

@@ -6,16 +6,12 @@ import math
 
 import pytest
 import torch
+from method_runs import assert_gradients_flow, derived_for
 from timm.optim import create_optimizer_v2
 
-from stabilitylab.config import derive
 from stabilitylab.methods.mocov3 import contrastive_loss, momentum_at
 from stabilitylab.models.vit import sincos_2d_position_embedding
 from stabilitylab.train.loop import build_model, parameter_fingerprint
-
-
-def _derived(config):
-    return derive(config, train_size=1347, in_chans=1, num_classes=10)
 
 
 def _step(model, optimizer, batch=32, size=16):
@@ -31,15 +27,12 @@ def _step(model, optimizer, batch=32, size=16):
 def test_every_trainable_parameter_gets_gradient(tiny_config):
     config = tiny_config()
     torch.manual_seed(0)
-    model = build_model(config, _derived(config))
+    model = build_model(config, derived_for(config))
     loss = model(torch.rand(16, 1, 16, 16), torch.rand(16, 1, 16, 16))
     loss.backward()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert trainable
-    for name, parameter in trainable:
-        assert parameter.grad is not None, name
-        assert torch.isfinite(parameter.grad).all(), name
-        assert parameter.grad.abs().sum() > 0, name
+    assert_gradients_flow(trainable)
     for name, parameter in model.named_parameters():
         if name.startswith("momentum_"):
             assert parameter.grad is None, name
@@ -47,7 +40,7 @@ def test_every_trainable_parameter_gets_gradient(tiny_config):
 
 def test_frozen_patch_embed_bit_identical_under_weight_decay(tiny_config):
     config = tiny_config(freeze_patch_embed=True, weight_decay=0.5)
-    model = build_model(config, _derived(config))
+    model = build_model(config, derived_for(config))
     frozen = {
         name: p.detach().clone()
         for name, p in model.named_parameters()
@@ -78,17 +71,17 @@ def test_frozen_patch_embed_bit_identical_under_weight_decay(tiny_config):
 
 
 def test_both_arms_start_identical(tiny_config):
-    learned = build_model(tiny_config(), _derived(tiny_config()))
+    learned = build_model(tiny_config(), derived_for(tiny_config()))
     frozen_config = tiny_config(freeze_patch_embed=True)
-    frozen = build_model(frozen_config, _derived(frozen_config))
+    frozen = build_model(frozen_config, derived_for(frozen_config))
     assert parameter_fingerprint(learned) == parameter_fingerprint(frozen)
-    other_seed = build_model(tiny_config(seed=1), _derived(tiny_config(seed=1)))
+    other_seed = build_model(tiny_config(seed=1), derived_for(tiny_config(seed=1)))
     assert parameter_fingerprint(other_seed) != parameter_fingerprint(learned)
 
 
 def test_patch_projection_init_bound(tiny_config):
     config = tiny_config()
-    model = build_model(config, _derived(config))
+    model = build_model(config, derived_for(config))
     proj = model.backbone.patch_embed.proj
     bound = math.sqrt(6.0 / (1 * 4 * 4 + 64))
     assert proj.weight.abs().max() <= bound
@@ -116,7 +109,7 @@ def test_loss_at_init_near_chance(tiny_config, batch):
     # 2 / (proj_dim * tau) to 4 tau ln(B), small.
     config = tiny_config(proj_dim=256, proj_hidden_dim=256)
     torch.manual_seed(0)
-    model = build_model(config, _derived(config))
+    model = build_model(config, derived_for(config))
     with torch.no_grad():
         loss = model(torch.rand(batch, 1, 16, 16), torch.rand(batch, 1, 16, 16)).item()
     chance = 4 * config.temperature * math.log(batch)
