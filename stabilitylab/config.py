@@ -31,6 +31,8 @@ METHODS = ("mocov3", "simclr", "byol", "swav", "dino")
 POS_EMBEDS = ("sincos", "learned", "none")
 POOLS = ("cls", "gap")
 OPTIMIZERS = ("adamw", "lamb", "lars")
+# At most this many local crops per image (see _validate_method_knobs).
+MAX_LOCAL_CROPS = 32
 # Gradient clipping: the norm of all gradients together (torch's clip_grad_norm_), or each
 # parameter tensor's own norm (DINO's clip_gradients).
 GRAD_CLIP_MODES = ("total", "parameter")
@@ -352,8 +354,11 @@ def _check_method_only_keys(method: str, overrides: dict[str, Any]) -> None:
         if readers is not None and method not in readers:
             prefix = "--no-" if overrides[key] is False else "--"
             option = prefix + key.replace("_", "-")
+            names = (
+                readers[0] if len(readers) == 1 else f"{', '.join(readers[:-1])} or {readers[-1]}"
+            )
             raise ConfigError(
-                f"{option} is only read with --method {' or '.join(readers)}, not {method}; "
+                f"{option} is only read with --method {names}, not {method}; "
                 f"drop {option} or pass --method {readers[0]}"
             )
 
@@ -374,7 +379,38 @@ def build_config(preset: str = "digits", **overrides: Any) -> RunConfig:
     values = {**METHOD_DEFAULTS[method], **preset_values, **overrides, "preset": preset}
     config = RunConfig(**values)
     validate(config)
+    _warn_ineffective(config, overrides)
     return config
+
+
+def _warn_ineffective(config: RunConfig, overrides: dict[str, Any]) -> None:
+    """Log a warning for each option given that cannot change this run."""
+    warnings = []
+    for key in ("freeze_last_layer_epochs", "queue_start_epochs"):
+        if key in overrides and getattr(config, key) >= config.epochs > 0:
+            warnings.append(
+                f"--{key.replace('_', '-')} {getattr(config, key)} is not less than --epochs "
+                f"{config.epochs}, so it lasts the whole run"
+            )
+    if config.method == "dino" and config.teacher_temperature_warmup_epochs >= config.epochs:
+        if "teacher_temperature_warmup_epochs" in overrides:
+            warnings.append(
+                f"--teacher-temperature-warmup-epochs {config.teacher_temperature_warmup_epochs}"
+                f" is not less than --epochs {config.epochs}, so the teacher temperature never "
+                "reaches --teacher-temperature"
+            )
+    if "grad_clip_mode" in overrides and config.grad_clip is None:
+        warnings.append("--grad-clip-mode has no effect without --grad-clip")
+    local_options = [
+        key
+        for key in ("local_crop_size", "local_crop_min_scale", "local_crop_max_scale")
+        if key in overrides
+    ]
+    if local_options and config.local_crops == 0:
+        names = ", ".join("--" + key.replace("_", "-") for key in local_options)
+        warnings.append(f"{names} have no effect without --local-crops")
+    for warning in warnings:
+        log.warning("%s", warning)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -554,9 +590,12 @@ def _validate_method_knobs(config: RunConfig) -> None:
             f"--queue-length {config.queue_length} is invalid: it must be a multiple of "
             f"--batch-size {config.batch_size}, such as {config.batch_size * 15}",
         )
+    # NOTE: the bound is a sanity limit, not a measured memory budget: DINO's recipes use 8
+    # to 10 local crops, and each crop adds a forward and backward pass of its batch.
     _require(
-        _is_whole(config.local_crops) and config.local_crops >= 0,
-        f"--local-crops {config.local_crops!r} is invalid: it must be 0 or more crops",
+        _is_whole(config.local_crops) and 0 <= config.local_crops <= MAX_LOCAL_CROPS,
+        f"--local-crops {config.local_crops!r} is invalid: it must be 0 to {MAX_LOCAL_CROPS} "
+        "crops per image (DINO's recipes use 8 to 10)",
     )
     _require(
         0 < config.local_crop_min_scale < config.local_crop_max_scale <= 1,

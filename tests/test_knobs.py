@@ -384,13 +384,17 @@ def test_weight_decay_at(tmp_path, end, step, expected):
         ),
         (
             ["--method", "simclr", "--momentum", "0.9"],
-            "--momentum is only read with --method mocov3 or byol or dino, not simclr",
+            "--momentum is only read with --method mocov3, byol or dino, not simclr",
         ),
         (
             ["--method", "simclr", "--no-predictor"],
             "--no-predictor is only read with --method mocov3 or byol, not simclr",
         ),
         (["--method", "byol", "--no-predictor"], "--no-predictor is invalid with --method byol"),
+        (
+            ["--method", "dino", "--local-crops", "1000"],
+            "--local-crops 1000 is invalid: it must be 0 to 32 crops per image",
+        ),
     ],
 )
 def test_bad_knob_rejected(capsys, tmp_path, args, expected):
@@ -452,3 +456,28 @@ def test_dino_defaults_are_study_knobs():
     assert config.weight_decay == 0.04
     assert math.isclose(config.weight_decay_end, 0.4)
     assert config.grad_clip == 3.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"method": "dino", "freeze_last_layer_epochs": 200}, "lasts the whole run"),
+        ({"method": "swav", "queue_start_epochs": 100}, "lasts the whole run"),
+        (
+            {"method": "dino", "teacher_temperature_warmup_epochs": 100},
+            "never reaches --teacher-temperature",
+        ),
+        ({"grad_clip_mode": "parameter"}, "--grad-clip-mode has no effect without --grad-clip"),
+        ({"method": "dino", "local_crop_size": 8}, "have no effect without --local-crops"),
+    ],
+)
+def test_ineffective_option_warns(overrides, expected, caplog):
+    with caplog.at_level("WARNING", logger="stabilitylab.config"):
+        build_config("digits", **overrides)
+    assert expected in caplog.text
+
+
+def test_effective_options_do_not_warn(caplog):
+    with caplog.at_level("WARNING", logger="stabilitylab.config"):
+        build_config("digits", method="dino", freeze_last_layer_epochs=1, local_crops=2)
+    assert caplog.text == ""
