@@ -25,6 +25,7 @@ from torch import nn
 
 import stabilitylab.train.loop as loop
 from stabilitylab.config import build_config
+from stabilitylab.data.augment import default_local_crop_size
 from stabilitylab.methods.base import StepSchedule, pooled
 from stabilitylab.methods.dino import DINO, dino_loss, teacher_temperature_at
 from stabilitylab.runs import read_run
@@ -387,7 +388,10 @@ def test_loss_decreases_with_local_crops(tmp_path, monkeypatch):
         build_config("digits", **overrides), tmp_path / "run", show_progress=False
     )
     assert result.steps == 120
-    losses = read_run(tmp_path / "run").steps["loss"]
+    run = read_run(tmp_path / "run")
+    expected_side = default_local_crop_size(run.derived["img_size"], run.derived["patch_size"])
+    assert run.derived["local_crop_size"] == expected_side
+    losses = run.steps["loss"]
     assert losses.notna().all()
     first, last = losses.iloc[:10].mean(), losses.iloc[-10:].mean()
     assert last < first - 0.2, (first, last)

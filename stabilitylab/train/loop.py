@@ -22,6 +22,7 @@ from probes.dense import FeatureQueue, queue_feature_std, queue_knn
 from probes.knn import KnnResult, extract_features, weighted_knn
 from stabilitylab.config import Derived, RunConfig, derive
 from stabilitylab.data import DataBundle, build_data
+from stabilitylab.data.augment import local_crops_of
 from stabilitylab.errors import TrainingError
 from stabilitylab.methods import build_method
 from stabilitylab.methods.base import Method, StepSchedule
@@ -287,6 +288,10 @@ class Trainer:
             "faults": self.faults.to_dict(),
             "dataset_description": self.data.description,
         }
+        local = local_crops_of(self.config, self.derived.img_size)
+        if local is not None:
+            # The side a run without --local-crop-size used, 96/224 of the image side.
+            derived["local_crop_size"] = local.size
         self.writer.write_config(self.config.to_dict(), derived, environment)
         self.writer.write_status("running", step=0, total_steps=self.derived.total_steps)
 
