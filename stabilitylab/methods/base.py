@@ -101,7 +101,7 @@ class Method(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the loss of one step and the detached pooled online features of ``views[0]``.
 
-        ``views`` holds two global views, then any local crops (multi-crop). The features
+        ``views`` contains two global views, then any local crops (multi-crop). The features
         are ones the loss already computes, so the dense kNN queue needs no extra forward.
         """
         raise NotImplementedError
@@ -115,3 +115,24 @@ class Method(nn.Module):
     def momentum_at(self, step: int) -> float:
         """Return the target network's EMA coefficient at ``step``, NaN without a target."""
         return math.nan
+
+
+class TwoViewMethod(Method):
+    """A method whose loss reads the two global views only (MoCo v3, SimCLR, BYOL).
+
+    Subclasses implement :meth:`loss_and_features`; ``forward`` returns its loss.
+    """
+
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+        return self.loss_and_features(view1, view2)[0]
+
+    def training_loss(
+        self, views: Sequence[torch.Tensor], step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loss_and_features(views[0], views[1])
+
+    def loss_and_features(
+        self, view1: torch.Tensor, view2: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the loss and the detached pooled online features of ``view1``."""
+        raise NotImplementedError

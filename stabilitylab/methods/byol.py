@@ -23,7 +23,6 @@ Deviations from the public code, with their reasons:
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,8 +31,8 @@ from torch import nn
 
 from stabilitylab.errors import ConfigError
 from stabilitylab.methods.base import (
-    Method,
     StepSchedule,
+    TwoViewMethod,
     cosine_momentum,
     ema_update,
     freeze_copy,
@@ -67,7 +66,7 @@ def byol_loss(
     return loss.mean()
 
 
-class BYOL(Method):
+class BYOL(TwoViewMethod):
     """Online network with predictor and an EMA target network. ``forward`` returns the loss.
 
     ``batch_norm=False`` is the study's heads-without-BN ablation.
@@ -127,14 +126,6 @@ class BYOL(Method):
 
     def target_backbones(self) -> dict[str, nn.Module]:
         return {"target_backbone": self.target_backbone}
-
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
-        return self.loss_and_features(view1, view2)[0]
-
-    def training_loss(
-        self, views: Sequence[torch.Tensor], step: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.loss_and_features(views[0], views[1])
 
     def loss_and_features(
         self, view1: torch.Tensor, view2: torch.Tensor

@@ -11,14 +11,19 @@ scaled by 2 tau and symmetrised over the two views, so its chance level is about
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stabilitylab.methods.base import Method, StepSchedule, cosine_momentum, ema_update, freeze_copy
+from stabilitylab.methods.base import (
+    StepSchedule,
+    TwoViewMethod,
+    cosine_momentum,
+    ema_update,
+    freeze_copy,
+)
 from stabilitylab.models.heads import build_mlp
 
 if TYPE_CHECKING:
@@ -39,7 +44,7 @@ def momentum_at(step: int, total_steps: int, base_momentum: float) -> float:
     return cosine_momentum(step, total_steps, base_momentum)
 
 
-class MoCoV3(Method):
+class MoCoV3(TwoViewMethod):
     """Online encoder, predictor and momentum encoder; ``forward`` returns the loss.
 
     ``predictor=False`` and ``batch_norm=False`` are the study's ablations: the queries are
@@ -110,14 +115,6 @@ class MoCoV3(Method):
     ) -> torch.Tensor:
         tokens = backbone.forward_features(images)
         return projector(backbone.forward_head(tokens, pre_logits=True))
-
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
-        return self.loss_and_features(view1, view2)[0]
-
-    def training_loss(
-        self, views: Sequence[torch.Tensor], step: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.loss_and_features(views[0], views[1])
 
     def loss_and_features(
         self, view1: torch.Tensor, view2: torch.Tensor

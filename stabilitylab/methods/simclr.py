@@ -26,14 +26,13 @@ Deviations from the public code, with their reasons:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stabilitylab.methods.base import Method, pooled
+from stabilitylab.methods.base import TwoViewMethod, pooled
 from stabilitylab.models.heads import build_mlp
 
 if TYPE_CHECKING:
@@ -59,7 +58,7 @@ def nt_xent_loss(
     return F.cross_entropy(logits, labels)
 
 
-class SimCLR(Method):
+class SimCLR(TwoViewMethod):
     """Backbone and projector trained with NT-Xent. ``forward`` returns the loss.
 
     ``batch_norm=False`` is the study's heads-without-BN ablation.
@@ -100,14 +99,6 @@ class SimCLR(Method):
 
     def online_modules(self) -> dict[str, nn.Module]:
         return {"backbone": self.backbone, "projector": self.projector}
-
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
-        return self.loss_and_features(view1, view2)[0]
-
-    def training_loss(
-        self, views: Sequence[torch.Tensor], step: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.loss_and_features(views[0], views[1])
 
     def loss_and_features(
         self, view1: torch.Tensor, view2: torch.Tensor
