@@ -421,6 +421,12 @@ RUN_OPTIONS = (
         choices=PRECISIONS,
     ),
     Option(
+        "compile",
+        "torch.compile each transformer block (the monitor's hooks stay outside the compiled "
+        "code); the first steps pay the compilation",
+        boolean=True,
+    ),
+    Option(
         "on_nonfinite",
         "at a step whose loss or gradient norm is NaN or infinite: stop the run there, keeping "
         "the last checkpoint from before it, or skip that optimiser step and continue",
@@ -485,8 +491,8 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> Parser:
         metavar="RUN_DIR",
         help="continue the stopped run in RUN_DIR from its last checkpoint, instead of --out; "
         "the run's configuration applies, and options passed with it may change only "
-        "--device, --workers, --flush-every, --checkpoint-every, --keep-checkpoints-every, "
-        "--tensorboard and --download (docs/resume.md)",
+        "--device, --compile, --workers, --flush-every, --checkpoint-every, "
+        "--keep-checkpoints-every, --tensorboard and --download (docs/resume.md)",
     )
     parser.add_argument(
         "--preset",
@@ -919,6 +925,7 @@ def _check_run_target(args: argparse.Namespace) -> None:
 
 def _command_run(args: argparse.Namespace) -> int:
     from stabilitylab.config import build_config
+    from stabilitylab.train import distributed
     from stabilitylab.train.loop import run_training
 
     signal.signal(signal.SIGTERM, _raise_terminated)
@@ -950,10 +957,11 @@ def _command_run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             keep_checkpoints_every=args.keep_checkpoints_every or 0,
         )
-    print(
-        f"{result.run_dir}: {result.steps} steps, kNN top-1 final {result.final_knn_top1:.2f}% "
-        f"best {result.best_knn_top1:.2f}%"
-    )
+    if distributed.current().is_main:
+        print(
+            f"{result.run_dir}: {result.steps} steps, kNN top-1 final "
+            f"{result.final_knn_top1:.2f}% best {result.best_knn_top1:.2f}%"
+        )
     return 0
 
 
@@ -1088,7 +1096,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         # Name the subcommand in the message, which the top-level parser would not.
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    _configure_logging(args.quiet)
+    from stabilitylab.train import distributed
+
+    # Under torchrun, rank 0 speaks for every process; the others log only warnings.
+    rank, world_size = distributed.launched_rank_and_size()
+    _configure_logging(args.quiet or rank > 0)
+    if args.command != "run" and world_size > 1:
+        if rank == 0:
+            print(
+                f"stabilitylab {args.command}: error: only stabilitylab run trains on several "
+                f"processes, but this one was started with WORLD_SIZE={world_size}; run "
+                f"stabilitylab {args.command} without torchrun",
+                file=sys.stderr,
+            )
+        return EXIT_USAGE
     command = {
         "run": _command_run,
         "report": _command_report,
@@ -1099,18 +1120,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return command(args)
     except TrainingError as error:
-        print(f"stabilitylab {args.command}: failed: {error}", file=sys.stderr)
+        if rank == 0:
+            print(f"stabilitylab {args.command}: failed: {error}", file=sys.stderr)
         return EXIT_FAILED
+    except distributed.PeerError:
+        return EXIT_USAGE  # rank 0 has printed the error
     except StabilityLabError as error:
-        print(f"stabilitylab {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        if rank == 0 or distributed.world_size() == 1:
+            print(f"stabilitylab {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as interrupt:
+        if rank > 0:
+            return 128 + getattr(interrupt, "signal_number", signal.SIGINT)
         kept = {
             "run": _resume_hint(interrupt),
             "sweep": "Rerun the same command to resume; finished runs are skipped",
         }.get(args.command, "")
         print(f"stabilitylab {args.command}: interrupted. {kept}".rstrip(), file=sys.stderr)
         return 128 + getattr(interrupt, "signal_number", signal.SIGINT)
+    finally:
+        distributed.shutdown()
 
 
 def _resume_hint(interrupt: KeyboardInterrupt) -> str:

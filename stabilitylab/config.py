@@ -140,6 +140,7 @@ class RunConfig:
     checkpoint_every: int = 1000  # optimiser steps
     device: str = "auto"
     precision: str = "fp32"
+    compile: bool = False  # torch.compile each transformer block of the backbones
     on_nonfinite: str = "stop"  # one of NONFINITE_POLICIES
     workers: int = 0
     inject_spikes: tuple[str, ...] = ()  # STEP:LAYER:FACTOR gradient multipliers
@@ -532,7 +533,7 @@ def _validate_ablation_knobs(config: RunConfig) -> None:
     _check_choice("pool", config.pool, POOLS)
     _check_choice("optimizer", config.optimizer, OPTIMIZERS)
     _check_choice("grad_clip_mode", config.grad_clip_mode, GRAD_CLIP_MODES)
-    for name in ("qk_norm", "predictor", "head_bn"):
+    for name in ("qk_norm", "predictor", "head_bn", "compile"):
         _check_flag(name, getattr(config, name))
     if config.weight_decay_end is not None:
         _require(
@@ -769,6 +770,14 @@ class Derived:
     num_classes: int
     train_size: int
     dense_knn_size: int = 0  # features in the dense kNN queue, 0 with the monitor off
+    world_size: int = 1  # training processes, each with batch_size / world_size images a step
+    per_process_batch_size: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.per_process_batch_size:
+            object.__setattr__(
+                self, "per_process_batch_size", self.global_batch_size // self.world_size
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -780,12 +789,20 @@ def derive(
     in_chans: int,
     num_classes: int,
     img_size: int | None = None,
+    world_size: int = 1,
 ) -> Derived:
     """Compute the batch-scaled lr and the step counts; raise if the batch exceeds the data.
 
     ``img_size`` is the data's image side when it differs from ``config.resolved_img_size``,
-    as for npz arrays read at their own size.
+    as for npz arrays read at their own size. ``--batch-size`` is the global batch, split
+    evenly over ``world_size`` processes, and the lr scales with it.
     """
+    if config.batch_size % world_size:
+        raise ConfigError(
+            f"--batch-size {config.batch_size} cannot be split evenly over {world_size} "
+            f"processes; pass a multiple of {world_size}, such as "
+            f"{max(1, config.batch_size // world_size) * world_size}"
+        )
     steps_per_epoch = train_size // config.batch_size  # the last partial batch is dropped
     if steps_per_epoch < 1:
         raise ConfigError(
@@ -815,4 +832,5 @@ def derive(
         num_classes=num_classes,
         train_size=train_size,
         dense_knn_size=dense_knn_queue_size(config, train_size),
+        world_size=world_size,
     )

@@ -412,6 +412,36 @@ def empty_table(table: str) -> pd.DataFrame:
     return pd.DataFrame({name: pd.Series(dtype="float64") for name in TABLE_COLUMNS[table]})
 
 
+class DiscardingWriter(RunWriter):
+    """The writer of a process that writes nothing: the ranks other than 0 under torchrun.
+
+    It checks each chunk's columns as :class:`RunWriter` does, so every rank fails alike on a
+    bad chunk, and discards it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def write_config(
+        self, config: dict[str, Any], derived: dict[str, Any], environment: dict[str, Any]
+    ) -> None:
+        pass
+
+    def write_status(self, state: str, **fields: Any) -> None:
+        pass
+
+    def write_json(self, name: str, payload: Any) -> None:
+        pass
+
+    def append(self, table: str, frame: pd.DataFrame) -> None:
+        expected = TABLE_COLUMNS[table]
+        frame = _with_later_columns(frame, table)
+        if tuple(frame.columns) != expected:
+            raise ValueError(
+                f"{table} chunk has columns {list(frame.columns)}, expected {expected}"
+            )
+
+
 @dataclass
 class Run:
     """One run directory read into memory: configuration, status and the tables.

@@ -20,8 +20,6 @@ Deviations from the public code, and why:
 - The MLP comes from the project's ``build_mlp`` with its ReLUs replaced by GELUs. With
   ``head_bn`` its hidden linear layers then have no bias, which the BN after each makes
   redundant, where DINOHead keeps the bias.
-- The centre averages one process's teacher outputs, because the trainer runs a single
-  process and there is nothing to all-reduce.
 - The last layer's gradients are removed before the trainer clips, so a clip of the total
   norm leaves them out. DINO removes them after clipping each parameter on its own, which
   gives the same result as the trainer's per-parameter clipping.
@@ -47,6 +45,7 @@ from stabilitylab.methods.base import (
     pooled,
 )
 from stabilitylab.models.heads import build_mlp
+from stabilitylab.train import distributed
 
 if TYPE_CHECKING:
     from stabilitylab.config import RunConfig
@@ -244,7 +243,9 @@ class DINO(Method):
     @torch.no_grad()
     def update_center(self, teacher_logits: torch.Tensor) -> None:
         """Move the centre towards the batch mean of ``teacher_logits`` (N, K) by EMA."""
-        batch_center = teacher_logits.float().mean(dim=0, keepdim=True)
+        # Under torchrun the mean spans the global batch, as DINO's all-reduce does.
+        total = distributed.all_reduce_sum(teacher_logits.float().sum(dim=0, keepdim=True))
+        batch_center = total / (teacher_logits.shape[0] * distributed.world_size())
         momentum = self.center_momentum
         self.center.copy_(self.center * momentum + batch_center * (1 - momentum))
 

@@ -25,17 +25,24 @@ from stabilitylab.methods.base import (
     freeze_copy,
 )
 from stabilitylab.models.heads import build_mlp
+from stabilitylab.train import distributed
 
 if TYPE_CHECKING:
     from stabilitylab.config import RunConfig
 
 
 def contrastive_loss(query: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:
-    """InfoNCE of ``query`` (B, D) against all ``key`` rows (B, D), scaled by 2 tau."""
+    """InfoNCE of ``query`` (B, D) against the keys of the global batch, scaled by 2 tau.
+
+    ``key`` (B, D) holds this process's keys. Under torchrun the keys of every process are
+    gathered without gradient, as MoCo v3's ``concat_all_gather`` does, and the positive of
+    query i is the key at this process's offset plus i.
+    """
     query = F.normalize(query.float(), dim=1)
-    key = F.normalize(key.float(), dim=1)
-    logits = query @ key.T / temperature  # (B, B), positives on the diagonal
-    labels = torch.arange(logits.shape[0], device=logits.device)
+    key = F.normalize(distributed.gather(key.float()), dim=1)
+    logits = query @ key.T / temperature  # (B, world B), positives on this process's block
+    offset = distributed.rank() * query.shape[0]
+    labels = torch.arange(query.shape[0], device=logits.device) + offset
     return F.cross_entropy(logits, labels) * (2 * temperature)
 
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from stabilitylab.methods.base import TwoViewMethod, pooled
 from stabilitylab.models.heads import build_mlp
+from stabilitylab.train import distributed
 
 if TYPE_CHECKING:
     from stabilitylab.config import RunConfig
@@ -46,15 +47,22 @@ def nt_xent_loss(
     """Return NT-Xent of two views' projections (B, D) each, the mean over the 2B anchors.
 
     Row i of ``projection1`` and row i of ``projection2`` are the two views of image i.
+    Under torchrun the anchors are this process's 2B projections and the candidates those of
+    the global batch, gathered with gradient as SimCLR's ``cross_replica_concat`` does, so
+    each process's negatives are trained by every process's loss.
     """
     batch = projection1.shape[0]
-    z = F.normalize(torch.cat([projection1, projection2]).float(), dim=1)  # (2B, D)
-    logits = z @ z.T / temperature  # (2B, 2B)
-    self_similarity = torch.eye(2 * batch, dtype=torch.bool, device=logits.device)
-    logits = logits.masked_fill(self_similarity, float("-inf"))
-    # Anchor i of view 1 has its positive at B + i, anchor B + i of view 2 at i.
-    index = torch.arange(batch, device=logits.device)
-    labels = torch.cat([index + batch, index])
+    anchors = F.normalize(torch.cat([projection1, projection2]).float(), dim=1)  # (2B, D)
+    view1 = distributed.gather_with_grad(anchors[:batch])
+    view2 = distributed.gather_with_grad(anchors[batch:])
+    candidates = torch.cat([view1, view2])  # (2 world B, D): all first views, then all second
+    logits = anchors @ candidates.T / temperature  # (2B, 2 world B)
+    total = view1.shape[0]
+    index = torch.arange(batch, device=logits.device) + distributed.rank() * batch
+    # Anchor i of view 1 is candidate index[i]; its positive is candidate total + index[i].
+    own = torch.cat([index, index + total])
+    logits = logits.scatter(1, own[:, None], float("-inf"))
+    labels = torch.cat([index + total, index])
     return F.cross_entropy(logits, labels)
 
 

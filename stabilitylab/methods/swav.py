@@ -30,8 +30,13 @@ Deviations from main_swav.py, and why:
   removes, so the codes are unchanged.
 - With BatchNorm, the projector's linear layers have no bias (``build_mlp``), where SwAV's
   have one. The hidden layer's bias is redundant before BN, the last layer's is not.
-- One process only: the Sinkhorn sums pass through :func:`sum_over_processes`, where a
-  distributed version would all-reduce them.
+
+Under torchrun the Sinkhorn-Knopp sums are all-reduced, so the codes equipartition the
+global batch, and the sample count is the global one, as in main_swav.py. The queue differs
+in layout only: main_swav.py keeps a queue of queue_length / N rows in each of the N
+processes. Here every process keeps the whole queue of the global batch's projections,
+gathered in rank order, and scores its own 1/N of it in Sinkhorn-Knopp. The rows that take
+part are the same, and a checkpoint written by rank 0 holds the queue of every process.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from torch import nn
 
 from stabilitylab.methods.base import Method, pooled
 from stabilitylab.models.heads import build_mlp
+from stabilitylab.train import distributed
 
 if TYPE_CHECKING:
     from stabilitylab.config import RunConfig
@@ -57,13 +63,8 @@ GLOBAL_VIEWS = 2
 
 
 def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
-    """Return ``tensor`` summed over the training processes.
-
-    NOTE: stabilitylab trains in one process, so this returns ``tensor`` itself. A
-    distributed version all-reduces here and multiplies the sample count of
-    :func:`sinkhorn_knopp` by the number of processes.
-    """
-    return tensor
+    """Return ``tensor`` summed over the training processes (itself in one process)."""
+    return distributed.all_reduce_sum(tensor)
 
 
 @torch.no_grad()
@@ -80,7 +81,8 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float, iterations: int) -> tor
     # NOTE: a very small epsilon still underflows. On random unit vectors (4096 samples,
     # 3000 prototypes, 128 dimensions), 0.01 gave finite codes and 0.005 NaN ones.
     q = torch.exp((scores - 1.0) / epsilon).T  # (K, N)
-    num_prototypes, num_samples = q.shape
+    num_prototypes = q.shape[0]
+    num_samples = q.shape[1] * distributed.world_size()  # every process scores as many
     q /= sum_over_processes(q.sum())
     for _ in range(iterations):
         q /= sum_over_processes(q.sum(dim=1, keepdim=True))
@@ -232,10 +234,12 @@ class SwAV(Method):
                 "crop of the same images"
             )
         batch = sizes[0]
-        if batch > self.queue_length > 0:
+        global_batch = batch * distributed.world_size()
+        if global_batch > self.queue_length > 0:
             raise ValueError(
                 f"the queue of {self.queue_length} projections per view is shorter than the "
-                f"batch of {batch}; pass a queue length that is a multiple of the batch size"
+                f"global batch of {global_batch}; pass a queue length that is a multiple of "
+                "the batch size"
             )
         return batch
 
@@ -264,10 +268,14 @@ class SwAV(Method):
         """
         batch = scores.shape[1]
         use_queue = self.queue_in_use(step)
+        # Each process scores its own block of the queue; together they cover all of it.
+        share = self.queue_length // distributed.world_size()
+        first = distributed.rank() * share
         codes = []
         for view, view_scores in enumerate(scores):
             if use_queue:
-                view_scores = torch.cat([self._scores(self.queue[view]), view_scores])
+                queue = self.queue[view, first : first + share]
+                view_scores = torch.cat([self._scores(queue), view_scores])
             view_codes = sinkhorn_knopp(
                 view_scores, self.sinkhorn_epsilon, self.sinkhorn_iterations
             )
@@ -279,6 +287,8 @@ class SwAV(Method):
         """Put the global views' projections (C, B, D) at the front of their queues."""
         if self.queue_length == 0:
             return
+        # The global batch's projections, in rank order: the queue of every process is alike.
+        embeddings = distributed.gather(embeddings.transpose(0, 1)).transpose(0, 1)
         batch = embeddings.shape[1]
         self.queue.copy_(torch.cat([embeddings, self.queue[:, :-batch]], dim=1))
         self._queue_rows = min(self._queue_rows + batch, self.queue_length)

@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from stabilitylab.config import RunConfig
+from stabilitylab.models.compiled import eager_blocks
 from stabilitylab.monitor.knn_eval import eval_mode
 from stabilitylab.runs import TABLE_COLUMNS, empty_table
 
@@ -156,7 +157,8 @@ class AttentionProbe:
             for index, block in enumerate(self.blocks)
         ]
         try:
-            with eval_mode(self.backbone), self.autocast():
+            # The hooks sit inside the blocks, so compiled blocks run eagerly here.
+            with eval_mode(self.backbone), eager_blocks(self.backbone), self.autocast():
                 self.backbone.forward_features(self.images)
         finally:
             for handle in handles:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from stabilitylab.train import distributed
+
 STEP_SIGNALS = ("loss", "grad_norm", "token_grad_norm", "loss_scale", "skipped", "diverged")
 LAYER_SIGNALS = ("grad_norm", "weight_norm", "update_ratio")
 
@@ -172,7 +174,11 @@ class TrainingMonitor:
             total = torch.full((), float("nan"), device=self.device)
         # The token gradient comes from a tensor hook, before the scaler unscales parameters.
         if self.tokens is not None:
-            token = self.tokens.squared.sqrt() / scale.float()
+            # Under torchrun each process holds the gradient of its own loss for its own
+            # tokens. The global batch's loss is the mean of the processes' losses, so its
+            # gradient is that divided by the number of processes.
+            squared = distributed.all_reduce_sum(self.tokens.squared)
+            token = squared.sqrt() / (scale.float() * distributed.world_size())
         else:
             token = torch.full((), float("nan"), device=self.device)
         loss_value = loss.detach().float()

@@ -6,7 +6,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy
 import timm
@@ -14,6 +14,9 @@ import torch
 import torchvision
 
 import stabilitylab
+
+if TYPE_CHECKING:
+    from stabilitylab.train.distributed import ProcessGroup
 
 
 def _git_revision() -> str | None:
@@ -31,7 +34,9 @@ def _git_revision() -> str | None:
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
-def describe_environment(device: torch.device, seed: int) -> dict[str, Any]:
+def describe_environment(
+    device: torch.device, seed: int, group: ProcessGroup | None = None
+) -> dict[str, Any]:
     info: dict[str, Any] = {
         "stabilitylab": stabilitylab.__version__,
         "python": sys.version.split()[0],
@@ -42,11 +47,13 @@ def describe_environment(device: torch.device, seed: int) -> dict[str, Any]:
         "platform": platform.platform(),
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
-        "world_size": 1,
+        "world_size": group.world_size if group is not None else 1,
         "seed": seed,
         "git_revision": _git_revision(),
         "command": sys.argv,
     }
+    if group is not None and group.world_size > 1:
+        info["distributed"] = group.to_dict()
     if device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda

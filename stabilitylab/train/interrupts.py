@@ -17,6 +17,8 @@ import threading
 from types import FrameType, TracebackType
 from typing import Any
 
+from stabilitylab.train import distributed
+
 log = logging.getLogger(__name__)
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -82,6 +84,13 @@ class DeferredInterrupts:
         )
 
     def check(self) -> None:
-        """Raise StepInterrupt when a signal arrived; call it between optimiser steps."""
-        if self.signal_number is not None:
-            raise StepInterrupt(self.signal_number)
+        """Raise StepInterrupt when a signal arrived; call it between optimiser steps.
+
+        Under torchrun the processes agree first, on the CPU: a signal that reached any of
+        them stops all of them after the same step, so they write one checkpoint together.
+        """
+        number = self.signal_number or 0
+        if distributed.world_size() > 1:
+            number = distributed.max_over_processes(number)
+        if number:
+            raise StepInterrupt(number)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import random
@@ -14,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 from timm.optim import create_optimizer_v2
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from probes.bootstrap import bootstrap_accuracy_se
@@ -26,6 +27,7 @@ from stabilitylab.data.augment import local_crops_of
 from stabilitylab.errors import TrainingError
 from stabilitylab.methods import build_method
 from stabilitylab.methods.base import Method, StepSchedule
+from stabilitylab.models.compiled import compile_blocks
 from stabilitylab.models.layers import named_groups
 from stabilitylab.models.vit import (
     build_backbone,
@@ -44,15 +46,17 @@ from stabilitylab.runs import (
     DIVERGED_REASONS,
     FROZEN_CHECK_FILE,
     SIGNAL_NAMES,
+    DiscardingWriter,
     RunWriter,
     prepare_run_dir,
 )
+from stabilitylab.train import distributed
 from stabilitylab.train.checkpoint import (
     CHECKPOINT_FORMAT,
     capture_rng_state,
     write_checkpoint,
 )
-from stabilitylab.train.environment import describe_environment, resolve_device
+from stabilitylab.train.environment import describe_environment
 from stabilitylab.train.faults import FaultPlan
 from stabilitylab.train.interrupts import DeferredInterrupts, StepInterrupt
 from stabilitylab.train.precision import (
@@ -94,6 +98,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def derive_for_data(config: RunConfig, data: DataBundle, world_size: int = 1) -> Derived:
+    """Return the derived values of ``config`` trained on ``data`` by ``world_size`` processes."""
+    return derive(
+        config,
+        len(data.train),
+        data.in_chans,
+        data.num_classes,
+        data.img_size,
+        world_size=world_size,
+    )
+
+
 def build_model(config: RunConfig, derived: Derived) -> Method:
     """Build the model from the run's seed; the freeze only changes ``requires_grad``."""
     torch.manual_seed(config.seed)
@@ -122,13 +138,15 @@ def build_optimizer(
     """Build timm's ``config.optimizer`` over ``parameters``, weight decay on all of them.
 
     MoCo v3 applies weight decay to every trainable parameter, biases and norms included.
-    LAMB's built-in clipping is off (see below). Skipping a non-finite step without a host
-    sync needs the fused AdamW kernel, because it reads a device flag and leaves the weights
-    and the moments unchanged where it is set. Its rounding differs slightly from the default
+    LAMB's built-in clipping is off (see below). AdamW uses the fused kernel, one launch
+    for all parameters, on CUDA. Skipping a non-finite step without a host sync needs that
+    kernel on the CPU too, because it reads a device flag and leaves the weights and the
+    moments unchanged where it is set. Its rounding differs slightly from the default
     multi-tensor kernel's.
     """
     extra: dict[str, Any] = {}
-    if config.optimizer == "adamw" and config.on_nonfinite == "skip":
+    on_cuda = bool(parameters) and all(p.is_cuda for p in parameters)
+    if config.optimizer == "adamw" and (config.on_nonfinite == "skip" or on_cuda):
         extra["fused"] = True
     if config.optimizer == "lamb":
         # timm's Lamb clips the total gradient norm to 1.0 by default; --grad-clip is the
@@ -159,11 +177,20 @@ def epoch_loader(
 
     A generator per (seed, epoch) fixes the data order, the same in both arms, and each
     batch is loaded under its own seed (stabilitylab.train.sampling), so a resumed run gets
-    the same batches with the same per-image augmentation.
+    the same batches with the same per-image augmentation. Under torchrun every process
+    draws the same global batches and loads its own slice of each.
     """
     generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+    group = distributed.current()
     batches = EpochBatches(
-        len(data.train), config.batch_size, generator, config.seed, epoch, start_batch
+        len(data.train),
+        config.batch_size,
+        generator,
+        config.seed,
+        epoch,
+        start_batch,
+        rank=group.rank,
+        world_size=group.world_size,
     )
     return DataLoader(
         SeededBatches(data.train),
@@ -194,6 +221,17 @@ def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float, mode: 
     torch._foreach_mul_(grads, factors)
 
 
+class _TrainingStep(torch.nn.Module):
+    """A method's training loss as ``forward``, the call DistributedDataParallel wraps."""
+
+    def __init__(self, method: Method) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, views: list[torch.Tensor], step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.method.training_loss(views, step)
+
+
 class Trainer:
     """State of one run: model, optimiser, monitor and writers."""
 
@@ -209,12 +247,22 @@ class Trainer:
         self.derived = derived
         self.data = data
         self.device = device
+        self.group = distributed.current()
         self.autocast = autocast_factory(config.precision, device)
 
         # Model, with the initial state the frozen check and the fingerprint compare against.
-        self.model = build_model(config, derived).to(device)
+        # Under torchrun every process builds the same weights from the seed, and the heads'
+        # BatchNorm spans the global batch.
+        model = build_model(config, derived)
+        self.model = distributed.synchronise_batch_norm(model, device).to(device)
+        if config.compile:
+            for backbone in (self.model.backbone, *self.model.target_backbones().values()):
+                compile_blocks(backbone)
         self.frozen_initial = {name: p.detach().clone() for name, p in self._frozen_parameters()}
         self.init_fingerprint = parameter_fingerprint(self.model)
+        # The module the step calls: the method itself, or under torchrun its
+        # DistributedDataParallel wrapper, which averages the gradients during backward.
+        self.engine = self._training_engine()
 
         # Optimisation: only trainable parameters reach the optimiser.
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -233,11 +281,13 @@ class Trainer:
             groups, self.model.backbone.blocks[0], device, config.flush_every
         )
         tensorboard_dir = resolve_tensorboard_dir(config.tensorboard, run_dir)
-        self.writer = (
-            RunWriter(run_dir)
-            if tensorboard_dir is None
-            else TensorBoardRunWriter(run_dir, tensorboard_dir)
-        )
+        self.writer: RunWriter
+        if not self.group.is_main:
+            self.writer = DiscardingWriter(run_dir)
+        elif tensorboard_dir is None:
+            self.writer = RunWriter(run_dir)
+        else:
+            self.writer = TensorBoardRunWriter(run_dir, tensorboard_dir)
         self.recorder = MetricsRecorder(
             self.monitor, self.writer, samples_per_step=config.batch_size
         )
@@ -256,8 +306,13 @@ class Trainer:
         # per evaluation.
         self.dense_rows: list[dict[str, float]] = []
         # None when the attention probes are off. Its rows also wait for the next flush.
-        self.attention = build_attention_probe(
-            config, self.model.backbone, data.knn_query, device, self.autocast
+        # The weights are alike in every process, so rank 0 alone probes them.
+        self.attention = (
+            build_attention_probe(
+                config, self.model.backbone, data.knn_query, device, self.autocast
+            )
+            if self.group.is_main
+            else None
         )
         # Steps whose optimiser step was not applied, and the step count of the last checkpoint.
         self.skipped_steps: list[int] = []
@@ -265,6 +320,24 @@ class Trainer:
         # Every checkpoint whose step is a multiple of this is also kept; 0 keeps only the last.
         self.keep_checkpoints_every = 0
         self.start_time = time.perf_counter()
+        if self.group.rank > 0:
+            # Rank 0 keeps the random streams of a single process; the others get their own,
+            # so that their augmentations differ.
+            seed_everything(distributed.rank_seed(config.seed, self.group.rank))
+
+    def _training_engine(self) -> torch.nn.Module:
+        if self.group.world_size == 1:
+            return _TrainingStep(self.model)
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(
+            _TrainingStep(self.model),
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            # Buffers are alike in every process already (synchronised BatchNorm statistics,
+            # the DINO centre and the SwAV queue are computed from the global batch), so they
+            # are not broadcast before each step.
+            forward_sync_buffers=False,
+        )
 
     def _frozen_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         if not self.config.freeze_patch_embed:
@@ -371,6 +444,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "config": self.config.to_dict(),
             "rng": capture_rng_state(self.device),
+            "world_size": self.group.world_size,
             "evals": [
                 {"top1": r.top1, "top5": r.top5, "n_bank": r.n_bank, "n_query": r.n_query}
                 for r in self.evals
@@ -381,7 +455,12 @@ class Trainer:
         }
         if self.dense_queue is not None:
             state["dense_knn_queue"] = self.dense_queue.state_dict()
-        write_checkpoint(self.run_dir, state, self.keep_checkpoints_every)
+        if self.group.world_size > 1:
+            # Every process's generators, so each resumes its own augmentation stream.
+            state["rng_by_rank"] = distributed.gather_objects(state["rng"])
+        if self.group.is_main:
+            write_checkpoint(self.run_dir, state, self.keep_checkpoints_every)
+        distributed.barrier()  # no process runs ahead of a checkpoint that is being written
         self.checkpoint_step = self.step
 
     # -- steps -----------------------------------------------------------------------------
@@ -422,11 +501,15 @@ class Trainer:
         momentum = self.model.momentum_at(self.step)
 
         with self.autocast():
-            loss, features = self.model.training_loss(views, self.step)
+            loss, features = self.engine(views, self.step)
         if self.dense_queue is not None:
-            self.dense_queue.push(features, labels)
+            assert labels is not None
+            self.dense_queue.push(distributed.gather(features), distributed.gather(labels))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        # Each process's loss is the mean over its share of the batch, so their mean is the
+        # global batch's loss. The gradients were averaged during backward.
+        loss = distributed.all_reduce_mean(loss.detach())
 
         # Every norm is measured on unscaled gradients, after the method's own changes (a
         # layer kept out of training has none) and before clipping, so clipping hides no
@@ -492,16 +575,28 @@ class Trainer:
         backbone = self.model.backbone
         was_training = backbone.training
         backbone.eval()
+        # Under torchrun each process encodes every N-th image, and the features are
+        # gathered back into the dataset's order.
+        indices = distributed.shard_indices(len(dataset), self.group)
+        shard = dataset if self.group.world_size == 1 else Subset(dataset, indices)
         try:
-            return extract_features(
+            features, labels = extract_features(
                 self.model.features,
-                dataset,
+                shard,
                 self.device,
                 autocast=self.autocast,
                 generator=generator,
             )
         finally:
             backbone.train(was_training)
+        if self.group.world_size == 1:
+            return features, labels
+        order = distributed.gather_uneven(torch.as_tensor(indices, device=self.device))
+        features = distributed.gather_uneven(features)
+        labels = distributed.gather_uneven(labels)
+        position = torch.empty_like(order)
+        position[order] = torch.arange(order.numel(), device=order.device)
+        return features[position], labels[position]
 
     def top1_standard_error(self, result: KnnResult) -> float:
         """Return the bootstrap standard error of ``result.top1`` in points, seeded by the step."""
@@ -651,23 +746,30 @@ def run_training(
     step is a multiple of ``keep_checkpoints_every`` (0: none) is kept beside the last one.
     :func:`stabilitylab.train.resume.resume_training` continues a run that stopped.
     """
-    device = resolve_device(config.device)
+    group = distributed.join(config.device)
+    device = distributed.process_device(group, config.device)
     autocast_factory(config.precision, device)
     seed_everything(config.seed)
     data = build_data(config)
-    derived = derive(config, len(data.train), data.in_chans, data.num_classes, data.img_size)
-    check_tensorboard(config.tensorboard, Path(out))
-    if overwrite and Path(out).is_dir():
-        check_not_in_use(Path(out))  # before --overwrite empties the folder
-    run_dir = prepare_run_dir(Path(out), overwrite=overwrite, resume_option="--resume")
-    data.attach_run_dir(run_dir)  # skipped_images.json, with --skip-bad-images
+    derived = derive_for_data(config, data, group.world_size)
 
-    with RunLock(run_dir):
+    def prepare() -> Path:
+        # Rank 0 alone checks and creates the run directory; the others wait for its answer.
+        check_tensorboard(config.tensorboard, Path(out))
+        if overwrite and Path(out).is_dir():
+            check_not_in_use(Path(out))  # before --overwrite empties the folder
+        return prepare_run_dir(Path(out), overwrite=overwrite, resume_option="--resume")
+
+    run_dir = distributed.on_main(prepare)
+    if group.is_main:
+        data.attach_run_dir(run_dir)  # skipped_images.json, with --skip-bad-images
+
+    with RunLock(run_dir) if group.is_main else contextlib.nullcontext():
         trainer = Trainer(config, run_dir, data, derived, device)
         trainer.keep_checkpoints_every = keep_checkpoints_every
-        trainer.write_header(describe_environment(device, config.seed))
+        trainer.write_header(describe_environment(device, config.seed, group))
         log.info(
-            "%s: %s, %s, %d steps (%d per epoch), lr %.3g, freeze_patch_embed=%s, device %s",
+            "%s: %s, %s, %d steps (%d per epoch), lr %.3g, freeze_patch_embed=%s, device %s%s",
             run_dir,
             config.method,
             data.description,
@@ -676,8 +778,18 @@ def run_training(
             derived.lr,
             config.freeze_patch_embed,
             device,
+            _processes_text(derived),
         )
         return train_run(trainer, show_progress)
+
+
+def _processes_text(derived: Derived) -> str:
+    if derived.world_size == 1:
+        return ""
+    return (
+        f", {derived.world_size} processes of {derived.per_process_batch_size} images each "
+        f"(global batch {derived.global_batch_size})"
+    )
 
 
 def _write_interrupted(trainer: Trainer) -> None:
@@ -701,6 +813,8 @@ def train_run(trainer: Trainer, show_progress: bool | None = None) -> RunResult:
     derived, run_dir = trainer.derived, trainer.run_dir
     # tqdm's disable=None hides the bar when stderr is not a terminal.
     disable = None if show_progress is None else not show_progress
+    if not trainer.group.is_main:
+        disable = True
     progress = tqdm(
         total=derived.total_steps,
         initial=trainer.step,

@@ -17,12 +17,13 @@ non-finite value is rejected, because the same configuration would diverge again
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,6 @@ from stabilitylab.config import (
     Derived,
     RunConfig,
     build_config,
-    derive,
     load_preset,
     validate,
 )
@@ -55,14 +55,22 @@ from stabilitylab.runs import (
     chunk_paths,
     write_json_atomic,
 )
+from stabilitylab.train import distributed
 from stabilitylab.train.checkpoint import (
     CHECKPOINT_FORMAT,
     kept_checkpoints,
     read_checkpoint,
     restore_rng_state,
 )
-from stabilitylab.train.environment import describe_environment, resolve_device
-from stabilitylab.train.loop import RunResult, Trainer, seed_everything, train_run
+from stabilitylab.train.distributed import ProcessGroup
+from stabilitylab.train.environment import describe_environment
+from stabilitylab.train.loop import (
+    RunResult,
+    Trainer,
+    derive_for_data,
+    seed_everything,
+    train_run,
+)
 from stabilitylab.train.precision import autocast_factory
 from stabilitylab.train.runlock import RunLock
 from stabilitylab.train.tensorboard import check_tensorboard, resolve_tensorboard_dir
@@ -74,6 +82,7 @@ log = logging.getLogger(__name__)
 # still gives a valid continuation, but not a bit-identical one.
 MUTABLE_FIELDS = (
     "device",
+    "compile",
     "workers",
     "flush_every",
     "checkpoint_every",
@@ -356,7 +365,10 @@ def restore_trainer(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
     # wall_time continues from the training time the checkpoint had recorded.
     trainer.start_time = time.perf_counter() - float(checkpoint["wall_seconds"])
     # Building the trainer drew from the generators, so they are restored after it.
-    restore_rng_state(checkpoint["rng"], trainer.device)
+    rng = checkpoint["rng"]
+    if trainer.group.world_size > 1:
+        rng = checkpoint["rng_by_rank"][trainer.group.rank]
+    restore_rng_state(rng, trainer.device)
 
 
 # -- tables ----------------------------------------------------------------------------------
@@ -799,7 +811,7 @@ def _check_tensorboard_on_resume(config: RunConfig, run_dir: Path) -> None:
 
 
 def _build_data(
-    record: RunRecord, config: RunConfig, device: torch.device
+    record: RunRecord, config: RunConfig, device: torch.device, group: ProcessGroup
 ) -> tuple[DataBundle, Derived, dict[str, Any]]:
     """Build the run's data as a new run would, and check it against the recorded values."""
     seed_everything(config.seed)
@@ -808,9 +820,9 @@ def _build_data(
     except UnreadableImagesError as error:
         raise error.for_resume() from None
     data.mark_resumed()
-    derived = derive(config, len(data.train), data.in_chans, data.num_classes, data.img_size)
+    derived = derive_for_data(config, data, group.world_size)
     _check_same_data(record, derived)
-    environment = describe_environment(device, config.seed)
+    environment = describe_environment(device, config.seed, group)
     changes = _environment_changes(record, environment)
     if changes:
         log.warning(
@@ -868,33 +880,90 @@ def resume_training(
     if record.state == "finished":
         return _finished_result(run_dir, record.status)
     _check_not_diverged(run_dir, record.status)
-    device = resolve_device(config.device)
+    group = distributed.join(config.device)
+    device = distributed.process_device(group, config.device)
     autocast_factory(config.precision, device)
     _check_tensorboard_on_resume(config, run_dir)
-    with RunLock(run_dir):
+    with main_process_lock(run_dir):
         layers = record.derived.get("layers") or []
-        point = choose_resume_point(run_dir, record.status, len(layers))
-        if point.checkpoint is not None:
-            assert point.path is not None
-            _check_checkpoint_config(point.checkpoint, saved, point.path)
-        data, derived, environment = _build_data(record, config, device)
-        apply_plans(run_dir, point.plans, point.checkpoint is not None)
-        _record_resume(run_dir, record, saved, config, point.step, environment)
-        data.attach_run_dir(run_dir)  # skipped_images.json, with --skip-bad-images
+
+        chosen: list[ResumePoint] = []
+
+        def choose() -> tuple[Path | None, int, dict[str, TablePlan]]:
+            point = choose_resume_point(run_dir, record.status, len(layers))
+            chosen.append(point)
+            if point.checkpoint is not None:
+                assert point.path is not None
+                _check_checkpoint_config(point.checkpoint, saved, point.path)
+                _check_world_size(point.checkpoint, point.path, group.world_size)
+            return point.path, point.step, point.plans
+
+        # Rank 0 chooses the checkpoint; the others load the same file.
+        path, step, plans = distributed.on_main(choose)
+        checkpoint = chosen[0].checkpoint if chosen else None
+        if checkpoint is None and path is not None:
+            checkpoint = read_checkpoint(path)
+        data, derived, environment = _build_data(record, config, device, group)
+
+        def repair() -> None:
+            apply_plans(run_dir, plans, checkpoint is not None)
+            _record_resume(run_dir, record, saved, config, step, environment)
+            data.attach_run_dir(run_dir)  # skipped_images.json, with --skip-bad-images
+
+        distributed.on_main(repair)
         trainer = _resumed_trainer(
-            record, config, data, derived, device, point.checkpoint, keep_checkpoints_every
+            record, config, data, derived, device, checkpoint, keep_checkpoints_every
         )
         trainer.writer.write_status("running", step=trainer.step, total_steps=derived.total_steps)
         log.info(
             "%s: resuming at step %d of %d from %s; dropped the rows recorded after it: %s%s",
             run_dir,
-            point.step,
+            step,
             derived.total_steps,
-            point.path.name if point.path is not None else "the start (no checkpoint)",
-            ", ".join(f"{table} {plan.rows_dropped}" for table, plan in point.plans.items()),
-            _lost_summary(point.plans),
+            path.name if path is not None else "the start (no checkpoint)",
+            ", ".join(f"{table} {plan.rows_dropped}" for table, plan in plans.items()),
+            _lost_summary(plans),
         )
         return train_run(trainer, show_progress)
+
+
+@contextlib.contextmanager
+def main_process_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory's RunLock in rank 0 while every process runs the block."""
+    group = distributed.current()
+    if group.world_size == 1:
+        with RunLock(run_dir):
+            yield
+        return
+    lock = RunLock(run_dir)
+
+    def acquire() -> None:
+        lock.__enter__()
+
+    distributed.on_main(acquire)
+    try:
+        yield
+    finally:
+        if group.is_main:
+            lock.__exit__(None, None, None)
+
+
+def _check_world_size(checkpoint: dict[str, Any], path: Path, world_size: int) -> None:
+    """Refuse to resume a checkpoint with another number of processes than wrote it."""
+    saved = int(checkpoint.get("world_size", 1))
+    if saved == world_size:
+        return
+    command = (
+        "stabilitylab run --resume"
+        if saved == 1
+        else f"torchrun --nproc_per_node {saved} -m stabilitylab run --resume"
+    )
+    raise ConfigError(
+        f"{path} was written by {saved} training process(es), and this resume has "
+        f"{world_size}: each process's random streams are in the checkpoint, so the run "
+        f"continues exactly only with {saved}; resume it with {command} (with nodes x "
+        f"processes per node = {saved})"
+    )
 
 
 def _lost_summary(plans: dict[str, TablePlan]) -> str:

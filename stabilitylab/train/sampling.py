@@ -42,6 +42,11 @@ class EpochBatches(Sampler[list[SeededIndex]]):
 
     The order is that of ``RandomSampler`` with ``generator``, cut into ``batch_size`` batches
     with the last partial batch dropped. Skipped batches cost one permutation, no loading.
+
+    With ``world_size`` processes, ``batch_size`` is the global batch: every process draws
+    the same order and yields slice ``rank`` of each batch, of batch_size / world_size
+    indices. Rank 0 loads its slice under the batch's seed, the others under seeds of their
+    own, so that no two processes draw the same augmentation.
     """
 
     def __init__(
@@ -52,7 +57,18 @@ class EpochBatches(Sampler[list[SeededIndex]]):
         seed: int,
         epoch: int,
         start: int = 0,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        if batch_size % world_size or not 0 <= rank < world_size:
+            raise ValueError(
+                f"a batch of {batch_size} cannot be split into {world_size} equal slices "
+                f"for rank {rank}"
+            )
+        self.rank = rank
+        self.world_size = world_size
+        self._slice = batch_size // world_size
         self._batches = BatchSampler(
             RandomSampler(range(size), generator=generator), batch_size, drop_last=True
         )
@@ -70,7 +86,10 @@ class EpochBatches(Sampler[list[SeededIndex]]):
             if index < self.start:
                 continue
             seed = batch_seed(self.seed, self.epoch, index)
-            yield [(sample, seed) for sample in batch]
+            if self.rank > 0:
+                seed = batch_seed(seed, self.rank, 0)
+            first = self.rank * self._slice
+            yield [(sample, seed) for sample in batch[first : first + self._slice]]
 
 
 @contextlib.contextmanager
