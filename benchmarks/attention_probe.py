@@ -15,55 +15,15 @@ add over a run, for a few values of it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
-import platform
 import statistics
-import tempfile
-import time
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from _harness import Batches, digits_config, digits_trainers, hardware_line, timed
 
-from stabilitylab.config import build_config, derive
-from stabilitylab.data import build_data
-from stabilitylab.runs import prepare_run_dir
-from stabilitylab.train.environment import resolve_device
-from stabilitylab.train.loop import Trainer, epoch_loader, seed_everything
+from stabilitylab.train.loop import Trainer
 
 # --attention-every values whose share of the training time is printed.
 EVERY_VALUES = (1, 2, 5, 10, 25)
-
-
-def _timed(action: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    action()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - started
-
-
-class _Batches:
-    """Training batches of the digits preset, epoch after epoch, in the run's order."""
-
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-        self.epoch = 0
-        self.iterator = iter(())
-
-    def next(self) -> tuple[list[torch.Tensor], torch.Tensor]:
-        batch = next(self.iterator, None)
-        if batch is None:
-            trainer = self.trainer
-            self.iterator = iter(
-                epoch_loader(trainer.data, trainer.config, self.epoch, trainer.device)
-            )
-            self.epoch += 1
-            batch = next(self.iterator)
-        return self.trainer.views(batch), batch[1].to(self.trainer.device)
 
 
 def main() -> None:
@@ -76,27 +36,18 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    config = build_config("digits", device=args.device)
     # Any value above 0 turns the probes on; the probe is timed directly.
     overrides = {"attention_every": 1}
     if args.attention_images is not None:
         overrides["attention_images"] = args.attention_images
-    config = dataclasses.replace(config, **overrides)
-    device = resolve_device(config.device)
-    seed_everything(config.seed)
-    data = build_data(config)
-    derived = derive(config, len(data.train), data.in_chans, data.num_classes, data.img_size)
-    with tempfile.TemporaryDirectory() as folder:
-        trainer = Trainer(config, prepare_run_dir(Path(folder) / "run"), data, derived, device)
-        try:
-            times = _measure(trainer, args.rounds, args.warmup_steps)
-        finally:
-            trainer.close()
-    _print_results(times, config.attention_images, device)
+    config = digits_config(args.device, **overrides)
+    with digits_trainers(config) as (trainer,):
+        times = _measure(trainer, args.rounds, args.warmup_steps)
+    _print_results(times, config.attention_images, trainer.device)
 
 
 def _measure(trainer: Trainer, rounds: int, warmup_steps: int) -> dict[str, list[float]]:
-    batches = _Batches(trainer)
+    batches = Batches(trainer)
     device = trainer.device
     probe = trainer.attention
     if probe is None:
@@ -104,7 +55,7 @@ def _measure(trainer: Trainer, rounds: int, warmup_steps: int) -> dict[str, list
 
     def step() -> float:
         views, labels = batches.next()
-        return _timed(lambda: trainer.train_step(views, 0.0, labels=labels), device)
+        return timed(lambda: trainer.train_step(views, 0.0, labels=labels), device)
 
     for _ in range(warmup_steps):
         step()
@@ -112,7 +63,7 @@ def _measure(trainer: Trainer, rounds: int, warmup_steps: int) -> dict[str, list
     times: dict[str, list[float]] = {"step": [], "probe": []}
     for _ in range(rounds):
         times["step"].append(step())
-        times["probe"].append(_timed(lambda: probe.record(trainer.step), device))
+        times["probe"].append(timed(lambda: probe.record(trainer.step), device))
     probe.drain()
     return times
 
@@ -120,11 +71,7 @@ def _measure(trainer: Trainer, rounds: int, warmup_steps: int) -> dict[str, list
 def _print_results(times: dict[str, list[float]], images: int, device: torch.device) -> None:
     medians = {name: statistics.median(values) for name, values in times.items()}
     step, probe = medians["step"], medians["probe"]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    print(
-        f"machine: {platform.machine()} ({name or 'unknown CPU'}), {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
-    )
+    print(hardware_line(device))
     print(f"training step: {1000 * step:.1f} ms (median of {len(times['step'])})")
     print(f"probe of {images} images: {1000 * probe:.2f} ms, {probe / step:.4f} steps")
     shares = ", ".join(

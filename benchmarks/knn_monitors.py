@@ -22,51 +22,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import statistics
-import tempfile
-import time
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from _harness import Batches, digits_config, digits_trainers, hardware_line, timed
 
-from stabilitylab.config import build_config, derive
-from stabilitylab.data import build_data
-from stabilitylab.runs import prepare_run_dir
-from stabilitylab.train.environment import resolve_device
-from stabilitylab.train.loop import Trainer, epoch_loader, seed_everything
-
-
-def _timed(action: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    action()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - started
-
-
-class _Batches:
-    """Training batches of the digits preset, epoch after epoch, in the run's order."""
-
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-        self.epoch = 0
-        self.iterator = iter(())
-
-    def next(self) -> tuple[list[torch.Tensor], torch.Tensor]:
-        batch = next(self.iterator, None)
-        if batch is None:
-            trainer = self.trainer
-            self.iterator = iter(
-                epoch_loader(trainer.data, trainer.config, self.epoch, trainer.device)
-            )
-            self.epoch += 1
-            batch = next(self.iterator)
-        return self.trainer.views(batch), batch[1].to(self.trainer.device)
+from stabilitylab.train.loop import Trainer
 
 
 def main() -> None:
@@ -76,27 +37,19 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     args = parser.parse_args()
 
-    config = build_config("digits", device=args.device)
-    device = resolve_device(config.device)
-    seed_everything(config.seed)
-    data = build_data(config)
-    derived = derive(config, len(data.train), data.in_chans, data.num_classes)
-    with tempfile.TemporaryDirectory() as folder:
-        trainer = Trainer(config, prepare_run_dir(Path(folder) / "run"), data, derived, device)
-        try:
-            times = _measure(trainer, args.rounds, args.warmup_steps)
-        finally:
-            trainer.close()
-    _print_results(times, config.eval_every, config.dense_knn_every, device)
+    config = digits_config(args.device)
+    with digits_trainers(config) as (trainer,):
+        times = _measure(trainer, args.rounds, args.warmup_steps)
+    _print_results(times, config.eval_every, config.dense_knn_every, trainer.device)
 
 
 def _measure(trainer: Trainer, rounds: int, warmup_steps: int) -> dict[str, list[float]]:
-    batches = _Batches(trainer)
+    batches = Batches(trainer)
     device = trainer.device
 
     def step() -> float:
         views, labels = batches.next()
-        return _timed(lambda: trainer.train_step(views, 0.0, labels=labels), device)
+        return timed(lambda: trainer.train_step(views, 0.0, labels=labels), device)
 
     for _ in range(warmup_steps):
         step()
@@ -110,10 +63,10 @@ def _measure(trainer: Trainer, rounds: int, warmup_steps: int) -> dict[str, list
     }
     for _ in range(rounds):
         times["step"].append(step())
-        times["validation"].append(_timed(trainer.evaluate, device))
-        times["dense reused"].append(_timed(trainer.evaluate_dense, device))
+        times["validation"].append(timed(trainer.evaluate, device))
+        times["dense reused"].append(timed(trainer.evaluate_dense, device))
         times["step"].append(step())
-        times["dense own"].append(_timed(trainer.evaluate_dense, device))
+        times["dense own"].append(timed(trainer.evaluate_dense, device))
     return times
 
 
@@ -122,11 +75,7 @@ def _print_results(
 ) -> None:
     medians = {name: statistics.median(values) for name, values in times.items()}
     step = medians["step"]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    print(
-        f"machine: {platform.machine()} ({name or 'unknown CPU'}), {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
-    )
+    print(hardware_line(device))
     print(f"training step: {1000 * step:.1f} ms (median of {len(times['step'])})")
     for key in ("validation", "dense own", "dense reused"):
         print(f"{key} evaluation: {1000 * medians[key]:.1f} ms, {medians[key] / step:.3f} steps")

@@ -32,7 +32,8 @@ from stabilitylab.config import (
     RunConfig,
     available_presets,
 )
-from stabilitylab.errors import ConfigError, StabilityLabError, TrainingError
+from stabilitylab.errors import ConfigError, PeerError, StabilityLabError, TrainingError
+from stabilitylab.launch import launched_rank_and_size
 
 log = logging.getLogger("stabilitylab")
 
@@ -1096,10 +1097,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         # Name the subcommand in the message, which the top-level parser would not.
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    from stabilitylab.train import distributed
-
     # Under torchrun, rank 0 speaks for every process; the others log only warnings.
-    rank, world_size = distributed.launched_rank_and_size()
+    rank, world_size = launched_rank_and_size()
     _configure_logging(args.quiet or rank > 0)
     if args.command != "run" and world_size > 1:
         if rank == 0:
@@ -1123,10 +1122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rank == 0:
             print(f"stabilitylab {args.command}: failed: {error}", file=sys.stderr)
         return EXIT_FAILED
-    except distributed.PeerError:
+    except PeerError:
         return EXIT_USAGE  # rank 0 has printed the error
     except StabilityLabError as error:
-        if rank == 0 or distributed.world_size() == 1:
+        # Once the processes have joined one group, they raise the same errors, and rank 0
+        # prints them. An error before that (the environment, a GPU) is this process's own.
+        if rank == 0 or not _joined_process_group():
             print(f"stabilitylab {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as interrupt:
@@ -1139,7 +1140,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stabilitylab {args.command}: interrupted. {kept}".rstrip(), file=sys.stderr)
         return 128 + getattr(interrupt, "signal_number", signal.SIGINT)
     finally:
-        distributed.shutdown()
+        if "stabilitylab.train.distributed" in sys.modules:
+            sys.modules["stabilitylab.train.distributed"].shutdown()
+
+
+def _joined_process_group() -> bool:
+    distributed = sys.modules.get("stabilitylab.train.distributed")
+    return distributed is not None and distributed.current().world_size > 1
 
 
 def _resume_hint(interrupt: KeyboardInterrupt) -> str:

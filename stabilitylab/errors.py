@@ -19,3 +19,7 @@ class RunDirError(StabilityLabError):
 
 class TrainingError(StabilityLabError):
     """A training run that cannot continue, such as a non-finite loss."""
+
+
+class PeerError(StabilityLabError):
+    """An error that rank 0 raised and reported, re-raised in the other training processes."""

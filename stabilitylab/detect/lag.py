@@ -240,8 +240,39 @@ def _correlation_by_lag(first: pd.Series, second: pd.Series, max_lag: int) -> pd
     grid = np.arange(low, high + 1)
     a = first.reindex(grid).to_numpy(dtype="float64")
     b = second.reindex(grid).to_numpy(dtype="float64")
-    values = [_lagged_correlation(a, b, int(lag)) for lag in lags]
-    return pd.Series(values, index=lags, name="correlation")
+    return pd.Series(_lagged_correlations(a, b, max_lag), index=lags, name="correlation")
+
+
+def _lagged_correlations(a: np.ndarray, b: np.ndarray, max_lag: int) -> np.ndarray:
+    """Return :func:`_lagged_correlation` for every lag from -max_lag to max_lag at once.
+
+    Each lag's sums over its finite pairs (count, sums, squares and products) come from
+    sliding dot products, which cost O(len(a) * max_lag) in NumPy's C loop in place of a
+    Python loop over the lags. The correlation then follows from the sums, in float64.
+    """
+    finite_a, finite_b = np.isfinite(a), np.isfinite(b)
+    a0 = np.where(finite_a, a, 0.0)
+    b0 = np.where(finite_b, b, 0.0)
+    mask_a, mask_b = finite_a.astype("float64"), finite_b.astype("float64")
+
+    def by_lag(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        # sum over t of x[t] * y[t + lag], for lag = -max_lag ... max_lag
+        padded = np.concatenate([np.zeros(max_lag), y, np.zeros(max_lag)])
+        return np.correlate(padded, x, mode="valid")
+
+    count = np.rint(by_lag(mask_a, mask_b))
+    sum_x, sum_y = by_lag(a0, mask_b), by_lag(mask_a, b0)
+    sum_xx, sum_yy = by_lag(a0 * a0, mask_b), by_lag(mask_a, b0 * b0)
+    sum_xy = by_lag(a0, b0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        covariance = sum_xy - sum_x * sum_y / count
+        variance_x = sum_xx - sum_x**2 / count
+        variance_y = sum_yy - sum_y**2 / count
+        correlation = covariance / np.sqrt(variance_x * variance_y)
+    # A constant side has a variance of zero up to the rounding of the sums.
+    flat = (variance_x <= 1e-12 * sum_xx) | (variance_y <= 1e-12 * sum_yy)
+    correlation[(count < MIN_PAIRS) | flat] = np.nan
+    return np.clip(correlation, -1.0, 1.0)
 
 
 def correlation_peak(correlations: pd.Series) -> CrossCorrelationPeak:

@@ -387,7 +387,7 @@ def max_pool_steps(
     table order. Returns the grid and the column edges in steps: column ``c`` covers
     ``edges[c] <= step < edges[c + 1]``.
     """
-    order = list(dict.fromkeys([*layer_order, *layers["layer"].astype(str)]))
+    order = list(dict.fromkeys([*layer_order, *map(str, pd.unique(layers["layer"]))]))
     if layers.empty:
         return pd.DataFrame(index=pd.Index(order, name="layer")), np.array([], dtype="int64")
     steps = np.sort(pd.unique(layers["step"].to_numpy(dtype="int64")))

@@ -35,7 +35,8 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
-from stabilitylab.errors import ConfigError, StabilityLabError
+from stabilitylab.errors import ConfigError, PeerError, StabilityLabError
+from stabilitylab.launch import launched_by_torchrun
 
 T = TypeVar("T")
 
@@ -68,21 +69,6 @@ class ProcessGroup:
 
 
 SINGLE_PROCESS = ProcessGroup(rank=0, local_rank=0, world_size=1, backend="none")
-
-
-def launched_by_torchrun() -> bool:
-    """Tell whether the environment of this process was set by torchrun (or a launcher like it)."""
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
-
-
-def launched_rank_and_size() -> tuple[int, int]:
-    """Return the RANK and WORLD_SIZE torchrun set, (0, 1) without them or when unreadable."""
-    if not launched_by_torchrun():
-        return 0, 1
-    try:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    except ValueError:
-        return 0, 1  # init_from_environment names the bad value
 
 
 def _environment_int(name: str) -> int:
@@ -409,10 +395,6 @@ def process_device(group: ProcessGroup, device_name: str) -> torch.device:
     if group.backend == "nccl":
         return torch.device("cuda", group.local_rank)
     return torch.device("cpu")
-
-
-class PeerError(StabilityLabError):
-    """An error that rank 0 raised and reported, re-raised in the other processes."""
 
 
 def on_main(action: Callable[[], T]) -> T:

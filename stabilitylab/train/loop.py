@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import random
@@ -58,6 +59,12 @@ from stabilitylab.train.checkpoint import (
 )
 from stabilitylab.train.environment import describe_environment
 from stabilitylab.train.faults import FaultPlan
+from stabilitylab.train.flops import (
+    MATMUL_DTYPES,
+    ThroughputMeter,
+    measure_matmul_flops,
+    peak_flops,
+)
 from stabilitylab.train.interrupts import DeferredInterrupts, StepInterrupt
 from stabilitylab.train.precision import (
     autocast_factory,
@@ -90,6 +97,12 @@ class RunResult:
     wall_seconds: float
     # True when a resume found the run finished already, so nothing was trained.
     already_finished: bool = False
+
+
+@functools.lru_cache(maxsize=8)
+def measured_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Return this process's dense matmul FLOP/s on ``device``, measured once in about 0.3 s."""
+    return measure_matmul_flops(device, dtype, repeats=3, budget_seconds=0.3)
 
 
 def seed_everything(seed: int) -> None:
@@ -320,6 +333,9 @@ class Trainer:
         # Every checkpoint whose step is a multiple of this is also kept; 0 keeps only the last.
         self.keep_checkpoints_every = 0
         self.start_time = time.perf_counter()
+        # FLOPs of the first step this process trains and the time of the later ones, for
+        # the model FLOP utilisation at the end. A compiled step compiles in its second call.
+        self.throughput = ThroughputMeter(device, warmup_steps=1 if config.compile else 0)
         if self.group.rank > 0:
             # Rank 0 keeps the random streams of a single process; the others get their own,
             # so that their augmentations differ.
@@ -499,7 +515,22 @@ class Trainer:
             group["weight_decay"] = weight_decay
         lr = lr_at(self.optimizer)
         momentum = self.model.momentum_at(self.step)
+        with self.throughput.step():
+            self._optimizer_step(views, labels)
+        self.recorder.add(
+            HostStep(
+                step=self.step,
+                epoch=epoch,
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                wall_time=time.perf_counter() - self.start_time,
+            )
+        )
+        self.step += 1
 
+    def _optimizer_step(self, views: list[torch.Tensor], labels: torch.Tensor | None) -> None:
+        """Run forward, backward, the monitor and the optimiser step of ``self.step``."""
         with self.autocast():
             loss, features = self.engine(views, self.step)
         if self.dense_queue is not None:
@@ -531,18 +562,6 @@ class Trainer:
         self.scaler.update()
         self.monitor.record_updates()
         self.model.after_optimizer_step(self.step)
-
-        self.recorder.add(
-            HostStep(
-                step=self.step,
-                epoch=epoch,
-                lr=lr,
-                momentum=momentum,
-                weight_decay=weight_decay,
-                wall_time=time.perf_counter() - self.start_time,
-            )
-        )
-        self.step += 1
 
     def evaluate(self) -> KnnResult:
         # A broken model would score 0% and read as a dip: stop at the diverged step instead.
@@ -668,6 +687,17 @@ class Trainer:
             }
         )
         return result
+
+    def throughput_summary(self) -> tuple[str, dict[str, Any]]:
+        """Return the end-of-run line of the step's FLOP/s and MFU, and its figures.
+
+        The achieved rate is compared with the dense matmul rate measured here and now, on
+        the same device and dtype, and on a known GPU with the vendor's peak.
+        """
+        dtype = MATMUL_DTYPES[self.config.precision]
+        matmul = measured_matmul_flops(self.device, dtype)
+        peak = peak_flops(self.device, dtype)
+        return self.throughput.summary(matmul, peak), self.throughput.to_dict(matmul, peak)
 
     def check_frozen(self) -> bool | None:
         """Compare frozen parameters with their initial values and record the result."""
@@ -861,6 +891,7 @@ def train_run(trainer: Trainer, show_progress: bool | None = None) -> RunResult:
         trainer.close()
     wall = time.perf_counter() - trainer.start_time
     top1 = [r.top1 for r in trainer.evals]
+    throughput_line, throughput = trainer.throughput_summary()
     trainer.writer.write_status(
         "finished",
         step=trainer.step,
@@ -870,7 +901,9 @@ def train_run(trainer: Trainer, show_progress: bool | None = None) -> RunResult:
         best_knn_top1=max(top1),
         frozen_check_passed=passed,
         skipped_steps=trainer.skipped_steps,
+        throughput=throughput,
     )
+    log.info("%s: %s", run_dir, throughput_line)
     log.info(
         "%s: finished %d steps in %.0f s, kNN top-1 %.2f%% (best %.2f%%)",
         run_dir,
