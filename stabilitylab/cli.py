@@ -873,9 +873,11 @@ def build_parser() -> Parser:
     return parser
 
 
-def _configure_logging(quiet: bool) -> None:
+def _configure_logging(quiet: bool, rank: int = 0) -> None:
+    # Under torchrun every process logs the same warnings, so ranks above 0 log errors only.
+    level = logging.WARNING if quiet else logging.INFO
     logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
+        level=logging.ERROR if rank > 0 else level,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -944,6 +946,8 @@ def _command_run(args: argparse.Namespace) -> int:
             keep_checkpoints_every=args.keep_checkpoints_every,
         )
         if result.already_finished:
+            if launched_rank_and_size()[0] > 0:
+                return 0
             print(
                 f"{result.run_dir}: the run finished already ({result.steps} steps, kNN top-1 "
                 f"final {result.final_knn_top1:.2f}% best {result.best_knn_top1:.2f}%); "
@@ -1099,7 +1103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     # Under torchrun, rank 0 speaks for every process; the others log only warnings.
     rank, world_size = launched_rank_and_size()
-    _configure_logging(args.quiet or rank > 0)
+    _configure_logging(args.quiet, rank)
     if args.command != "run" and world_size > 1:
         if rank == 0:
             print(
@@ -1125,9 +1129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PeerError:
         return EXIT_USAGE  # rank 0 has printed the error
     except StabilityLabError as error:
-        # Once the processes have joined one group, they raise the same errors, and rank 0
-        # prints them. An error before that (the environment, a GPU) is this process's own.
-        if rank == 0 or not _joined_process_group():
+        # Every process checks the same options and data, so rank 0 prints their errors.
+        # An error about this process's own environment or GPU is printed by it.
+        if rank == 0 or getattr(error, "process_specific", False):
             print(f"stabilitylab {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as interrupt:
@@ -1144,24 +1148,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.modules["stabilitylab.train.distributed"].shutdown()
 
 
-def _joined_process_group() -> bool:
-    distributed = sys.modules.get("stabilitylab.train.distributed")
-    return distributed is not None and distributed.current().world_size > 1
-
-
 def _resume_hint(interrupt: KeyboardInterrupt) -> str:
     """Say where an interrupted run can be resumed from, with the attributes train_run sets."""
     run_dir = getattr(interrupt, "run_dir", None)
     if run_dir is None:
         return "Training had not started"
     step = getattr(interrupt, "checkpoint_step", None)
+    world_size = launched_rank_and_size()[1]
+    command = "stabilitylab run" if world_size == 1 else f"torchrun with {world_size} processes"
+    if world_size > 1:
+        command += " (such as --nproc_per_node " + str(world_size) + ") -m stabilitylab run"
     if step is None:
         return (
-            f"The metrics so far are kept in {run_dir}, but no checkpoint; stabilitylab run "
+            f"The metrics so far are kept in {run_dir}, but no checkpoint; {command} "
             f"--resume {run_dir} trains it again from the start"
         )
     return (
-        f"The metrics and a checkpoint at step {step} are kept; continue with stabilitylab run "
+        f"The metrics and a checkpoint at step {step} are kept; continue with {command} "
         f"--resume {run_dir}"
     )
 

@@ -264,3 +264,26 @@ def test_batch_that_does_not_split_is_refused():
     config = build_config("digits", batch_size=30)
     with pytest.raises(ConfigError, match="--batch-size 30 cannot be split evenly over 4"):
         derive(config, 1347, 1, 10, world_size=4)
+
+
+def test_bad_master_port_is_refused(tmp_path, cli_command):
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "abc",
+    }
+    result = subprocess.run(
+        [*cli_command, "run", "--device", "cpu", "--out", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=WORKER_TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "MASTER_PORT='abc' is not a port number" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()

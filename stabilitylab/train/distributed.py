@@ -25,6 +25,7 @@ group (see :func:`synchronise_batch_norm`).
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,13 +33,13 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
 from stabilitylab.errors import ConfigError, PeerError, StabilityLabError
 from stabilitylab.launch import launched_by_torchrun
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # The variables torchrun sets in every process it starts.
 ENVIRONMENT_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -122,15 +123,31 @@ def init_from_environment(device_name: str) -> tuple[ProcessGroup, str]:
                 "the GPU of its local rank; pass --device cuda"
             )
         if local_rank >= torch.cuda.device_count():
-            raise ConfigError(
+            error = ConfigError(
                 f"LOCAL_RANK {local_rank} has no GPU: {torch.cuda.device_count()} are visible; "
                 "pass a --nproc_per_node of at most the number of GPUs per node"
             )
+            error.process_specific = True  # type: ignore[attr-defined]
+            raise error
         torch.cuda.set_device(local_rank)
         backend, device = "nccl", f"cuda:{local_rank}"
     else:
         backend, device = "gloo", "cpu"
+    port = os.environ["MASTER_PORT"]
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"MASTER_PORT={port!r} is not a port number; pass torchrun a --master_port from "
+            "1 to 65535"
+        )
     if not dist.is_initialized():
+        log.info(
+            "rank %d: joining %d processes at %s:%s (%s); this waits until all of them start",
+            rank,
+            world_size,
+            os.environ["MASTER_ADDR"],
+            port,
+            backend,
+        )
         dist.init_process_group(
             backend=backend,
             rank=rank,
@@ -185,6 +202,24 @@ def gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """Concatenation over the processes whose backward pass hands each its rows' gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rows = tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        first = dist.get_rank() * ctx.rows
+        return total[first : first + ctx.rows]
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` (B, ...) of every process in rank order, keeping the gradient.
 
@@ -193,7 +228,7 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """
     if world_size() == 1:
         return tensor
-    return torch.cat(dist_nn.all_gather(tensor.contiguous()))
+    return _GatherWithGrad.apply(tensor)
 
 
 def gather_uneven(tensor: torch.Tensor) -> torch.Tensor:

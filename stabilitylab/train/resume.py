@@ -788,14 +788,24 @@ def _record_resume(
     config: RunConfig,
     step: int,
     environment: dict[str, Any],
+    derived: Derived,
 ) -> None:
-    """Store the continued configuration and a ``resumes`` entry in ``config.json``."""
+    """Store the continued configuration and a ``resumes`` entry in ``config.json``.
+
+    The process count may differ only on a resume without a checkpoint, which trains from
+    step 0, so ``derived`` then takes the new count and per-process batch.
+    """
     before, after = _comparable(saved), _comparable(config)
     changed = {
         name: [before[name], after[name]] for name in FIELD_NAMES if before[name] != after[name]
     }
     payload = dict(record.payload)
     payload["config"] = after
+    payload["derived"] = {
+        **payload.get("derived", {}),
+        "world_size": derived.world_size,
+        "per_process_batch_size": derived.per_process_batch_size,
+    }
     payload["resumes"] = [
         *payload.get("resumes", []),
         {"step": step, "changed": changed, "environment": environment},
@@ -907,7 +917,7 @@ def resume_training(
 
         def repair() -> None:
             apply_plans(run_dir, plans, checkpoint is not None)
-            _record_resume(run_dir, record, saved, config, step, environment)
+            _record_resume(run_dir, record, saved, config, step, environment, derived)
             data.attach_run_dir(run_dir)  # skipped_images.json, with --skip-bad-images
 
         distributed.on_main(repair)
@@ -954,9 +964,9 @@ def _check_world_size(checkpoint: dict[str, Any], path: Path, world_size: int) -
     if saved == world_size:
         return
     command = (
-        "stabilitylab run --resume"
+        f"stabilitylab run --resume {path.parent}"
         if saved == 1
-        else f"torchrun --nproc_per_node {saved} -m stabilitylab run --resume"
+        else f"torchrun --nproc_per_node {saved} -m stabilitylab run --resume {path.parent}"
     )
     raise ConfigError(
         f"{path} was written by {saved} training process(es), and this resume has "
