@@ -236,3 +236,25 @@ def test_detect_run_lag_in_json():
 def test_lag_params_invalid_raise(overrides):
     with pytest.raises(ConfigError, match="invalid lag"):
         LagParams(**overrides)
+
+
+@pytest.mark.parametrize(("size", "max_lag"), [(1000, 20), (60, 50), (5, 3)])
+def test_lagged_correlations_match_per_lag(size, max_lag):
+    from stabilitylab.detect.lag import _lagged_correlation, _lagged_correlations
+
+    rng = np.random.default_rng(size)
+    a = rng.normal(size=size)
+    b = np.roll(a, 3) + 0.5 * rng.normal(size=size)
+    a[rng.random(size) < 0.1] = np.nan
+    b[rng.random(size) < 0.1] = np.nan
+    fast = _lagged_correlations(a, b, max_lag)
+    slow = np.array([_lagged_correlation(a, b, lag) for lag in range(-max_lag, max_lag + 1)])
+    assert np.array_equal(np.isnan(fast), np.isnan(slow))
+    np.testing.assert_allclose(fast[~np.isnan(slow)], slow[~np.isnan(slow)], atol=1e-12)
+
+
+def test_lagged_correlations_of_constant_are_nan():
+    from stabilitylab.detect.lag import _lagged_correlations
+
+    values = _lagged_correlations(np.ones(100), np.random.default_rng(0).normal(size=100), 5)
+    assert np.isnan(values).all()

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 def contrastive_loss(query: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:
     """InfoNCE of ``query`` (B, D) against the keys of the global batch, scaled by 2 tau.
 
-    ``key`` (B, D) holds this process's keys. Under torchrun the keys of every process are
+    ``key`` (B, D) contains this process's keys. Under torchrun the keys of every process are
     gathered without gradient, as MoCo v3's ``concat_all_gather`` does, and the positive of
     query i is the key at this process's offset plus i.
     """

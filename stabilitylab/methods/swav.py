@@ -36,7 +36,7 @@ global batch, and the sample count is the global one, as in main_swav.py. The qu
 in layout only: main_swav.py keeps a queue of queue_length / N rows in each of the N
 processes. Here every process keeps the whole queue of the global batch's projections,
 gathered in rank order, and scores its own 1/N of it in Sinkhorn-Knopp. The rows that take
-part are the same, and a checkpoint written by rank 0 holds the queue of every process.
+part are the same, and a checkpoint written by rank 0 contains the queue of every process.
 """
 
 from __future__ import annotations

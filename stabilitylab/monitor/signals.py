@@ -174,7 +174,7 @@ class TrainingMonitor:
             total = torch.full((), float("nan"), device=self.device)
         # The token gradient comes from a tensor hook, before the scaler unscales parameters.
         if self.tokens is not None:
-            # Under torchrun each process holds the gradient of its own loss for its own
+            # Under torchrun each process has the gradient of its own loss for its own
             # tokens. The global batch's loss is the mean of the processes' losses, so its
             # gradient is that divided by the number of processes.
             squared = distributed.all_reduce_sum(self.tokens.squared)

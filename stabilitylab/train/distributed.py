@@ -83,15 +83,16 @@ def _environment_int(name: str) -> int:
         ) from None
 
 
-def init_from_environment(device_name: str) -> tuple[ProcessGroup, str]:
-    """Join the process group torchrun described, and return it with this process's device.
+def init_from_environment(device_name: str) -> ProcessGroup:
+    """Join the process group torchrun described and return it.
 
-    ``device_name`` is the run's ``--device``: ``auto`` and ``cuda`` give each process the
-    GPU of its local rank; ``cpu`` trains on the CPU with gloo. A single process (no torchrun,
-    or ``WORLD_SIZE=1``) joins nothing and keeps ``device_name``.
+    ``device_name`` is the run's ``--device``. ``auto`` and ``cuda`` make each process use
+    the GPU of its local rank with NCCL, and ``cpu`` makes it train on the CPU with gloo
+    (:func:`process_device` gives the device). A single process (no torchrun, or
+    ``WORLD_SIZE=1``) joins nothing.
     """
     if not launched_by_torchrun():
-        return SINGLE_PROCESS, device_name
+        return SINGLE_PROCESS
     missing = [key for key in ENVIRONMENT_KEYS if key not in os.environ]
     world_size = _environment_int("WORLD_SIZE")
     rank = _environment_int("RANK")
@@ -102,7 +103,7 @@ def init_from_environment(device_name: str) -> tuple[ProcessGroup, str]:
             "the run with torchrun"
         )
     if world_size == 1:
-        return SINGLE_PROCESS, device_name
+        return SINGLE_PROCESS
     if missing:
         raise ConfigError(
             f"the environment variables {', '.join(missing)} are missing, and torchrun sets "
@@ -130,9 +131,9 @@ def init_from_environment(device_name: str) -> tuple[ProcessGroup, str]:
             error.process_specific = True  # type: ignore[attr-defined]
             raise error
         torch.cuda.set_device(local_rank)
-        backend, device = "nccl", f"cuda:{local_rank}"
+        backend = "nccl"
     else:
-        backend, device = "gloo", "cpu"
+        backend = "gloo"
     port = os.environ["MASTER_PORT"]
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(
@@ -153,9 +154,9 @@ def init_from_environment(device_name: str) -> tuple[ProcessGroup, str]:
             rank=rank,
             world_size=world_size,
             timeout=COLLECTIVE_TIMEOUT,
-            device_id=torch.device(device) if backend == "nccl" else None,
+            device_id=torch.device("cuda", local_rank) if backend == "nccl" else None,
         )
-    return ProcessGroup(rank, local_rank, world_size, backend), device
+    return ProcessGroup(rank, local_rank, world_size, backend)
 
 
 def current() -> ProcessGroup:
@@ -418,7 +419,7 @@ def join(device_name: str) -> ProcessGroup:
     group = current()
     if group.world_size > 1 or not launched_by_torchrun():
         return group
-    return init_from_environment(device_name)[0]
+    return init_from_environment(device_name)
 
 
 def process_device(group: ProcessGroup, device_name: str) -> torch.device:

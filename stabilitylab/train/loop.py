@@ -784,7 +784,7 @@ def run_training(
     derived = derive_for_data(config, data, group.world_size)
 
     def prepare() -> Path:
-        # Rank 0 alone checks and creates the run directory; the others wait for its answer.
+        # Rank 0 alone checks and creates the run directory, and the others wait for it.
         check_tensorboard(config.tensorboard, Path(out))
         if overwrite and Path(out).is_dir():
             check_not_in_use(Path(out))  # before --overwrite empties the folder
