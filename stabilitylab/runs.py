@@ -32,6 +32,7 @@ import logging
 import os
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,8 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
 LATER_COLUMNS: dict[str, tuple[str, ...]] = {"evals": ("knn_top1_se", "knn_correct")}
 
 _CHUNK_PATTERN = re.compile(r"^part-(\d{6})\.parquet$")
+# Threads that read the chunks of one table.
+READ_THREADS = 4
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -542,17 +545,14 @@ def _read_chunks(run_dir: Path, chunks: list[Path], warnings: list[str]) -> list
     still be reported, and its warning names the steps missing from the table.
     """
     import pyarrow.compute
-    import pyarrow.parquet
 
-    read: list[tuple[Path, Any, str]] = []
-    for chunk in chunks:
-        try:
-            # ParquetFile reads one file without read_table's dataset set-up, which took
-            # about twice as long per chunk of a long run.
-            with pyarrow.parquet.ParquetFile(chunk) as parquet:
-                read.append((chunk, parquet.read(use_threads=False), ""))
-        except Exception as error:  # pyarrow raises several types for a damaged file
-            read.append((chunk, None, _first_line(error)))
+    # pyarrow releases the GIL while it reads, so a few threads read a long run's thousands
+    # of small chunks about twice as fast as one, even on two cores.
+    if len(chunks) > 1:
+        with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(chunks))) as pool:
+            read = list(pool.map(_read_chunk, chunks))
+    else:
+        read = [_read_chunk(chunk) for chunk in chunks]
     for position, (chunk, frame, error) in enumerate(read):
         if frame is not None:
             continue
@@ -564,6 +564,19 @@ def _read_chunks(run_dir: Path, chunks: list[Path], warnings: list[str]) -> list
         log.warning("%s: %s", run_dir, message)
         warnings.append(message)
     return [table for _, table, _ in read if table is not None]
+
+
+def _read_chunk(chunk: Path) -> tuple[Path, Any, str]:
+    """Return ``(chunk, Arrow table, "")``, or ``(chunk, None, error)`` for a damaged file."""
+    import pyarrow.parquet
+
+    try:
+        # ParquetFile reads one file without read_table's dataset set-up, which took about
+        # twice as long per chunk of a long run.
+        with pyarrow.parquet.ParquetFile(chunk) as parquet:
+            return chunk, parquet.read(use_threads=False), ""
+    except Exception as error:  # pyarrow raises several types for a damaged file
+        return chunk, None, _first_line(error)
 
 
 def _damaged_chunk_message(

@@ -31,6 +31,7 @@ from stabilitylab.detect import (
     select_last_block,
     spike_preset,
 )
+from stabilitylab.detect.baselines import MAD_TO_SIGMA, robust_baseline
 from stabilitylab.detect.dips import unpack_hits
 from stabilitylab.detect.settings import build_detector_params
 from stabilitylab.errors import ConfigError
@@ -462,6 +463,36 @@ def reference_baseline(log_values: np.ndarray, masked: np.ndarray, params: Spike
         square_weight = params.alpha * square_weight + 1.0
         seen += 1
     return centre, scale
+
+
+def reference_trailing_median(values: np.ndarray, window: int, min_periods: int) -> np.ndarray:
+    """Median of the finite values among the ``window`` positions before each, by a loop."""
+    medians = np.full(len(values), np.nan)
+    for t in range(len(values)):
+        history = values[max(0, t - window) : t]
+        history = history[np.isfinite(history)]
+        if len(history) >= min_periods:
+            medians[t] = np.median(history)
+    return medians
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 19, 21, 60, 250])
+@pytest.mark.parametrize(("window", "min_periods"), [(100, 20), (2, 1), (10, 10), (300, 5)])
+def test_robust_baseline_matches_definition(count, window, min_periods):
+    rng = np.random.default_rng(count + window)
+    log_values = rng.normal(size=count)
+    log_values[rng.random(count) < 0.05] = -np.inf
+    masked = rng.random(count) < 0.2
+    median, scale = robust_baseline(pd.Series(log_values), masked, window, min_periods)
+    history = np.where(masked, np.nan, log_values)
+    expected_median = reference_trailing_median(history, window, min_periods)
+    with np.errstate(invalid="ignore"):
+        deviation = np.abs(history - expected_median)
+    expected_mad = reference_trailing_median(deviation, window, min_periods)
+    np.testing.assert_array_equal(median, expected_median)
+    np.testing.assert_array_equal(scale, expected_mad / MAD_TO_SIGMA)
+    if count > 2 * min_periods + 1 and min_periods < window:
+        assert np.isfinite(median).any() and np.isfinite(scale).any()
 
 
 def reference_rule_scores(series: pd.Series, params: SpikeParams) -> pd.DataFrame:

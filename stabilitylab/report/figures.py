@@ -387,7 +387,11 @@ def max_pool_steps(
     table order. Returns the grid and the column edges in steps: column ``c`` covers
     ``edges[c] <= step < edges[c + 1]``.
     """
-    order = list(dict.fromkeys([*layer_order, *map(str, pd.unique(layers["layer"]))]))
+    # Integer codes of the layer names: converting millions of names to strings took most
+    # of a long run's report time.
+    codes, names = pd.factorize(layers["layer"])
+    names = [str(name) for name in names]
+    order = list(dict.fromkeys([*layer_order, *names]))
     if layers.empty:
         return pd.DataFrame(index=pd.Index(order, name="layer")), np.array([], dtype="int64")
     steps = np.sort(pd.unique(layers["step"].to_numpy(dtype="int64")))
@@ -396,15 +400,17 @@ def max_pool_steps(
     grad = pd.to_numeric(layers["grad_norm"], errors="coerce").to_numpy(dtype="float64")
     with np.errstate(invalid="ignore"):
         grad = np.where(np.isfinite(grad) & (grad > 0), grad, np.nan)
+    named = codes >= 0
     frame = pd.DataFrame(
         {
-            "layer": layers["layer"].astype(str).to_numpy(),
-            "column": np.searchsorted(steps, row_steps) // group_size,
-            "grad_norm": grad,
+            "layer": codes[named],
+            "column": np.searchsorted(steps, row_steps[named]) // group_size,
+            "grad_norm": grad[named],
         }
     )
     columns = (len(steps) - 1) // group_size + 1
     grid = frame.groupby(["layer", "column"])["grad_norm"].max().unstack("column")
+    grid.index = pd.Index([names[code] for code in grid.index], name="layer")
     grid = grid.reindex(index=order, columns=range(columns))
     edges = np.append(steps[::group_size], steps[-1] + 1)
     return grid, edges

@@ -27,6 +27,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -45,6 +47,10 @@ log = logging.getLogger(__name__)
 ENVIRONMENT_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # How long a collective waits for the other processes before the run fails.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+# While it joins the group, a process checks for Ctrl-C this often and says it is still
+# waiting this often, in seconds.
+JOIN_POLL_SECONDS = 0.2
+JOIN_LOG_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -62,11 +68,29 @@ class ProcessGroup:
         return self.rank == 0
 
     def to_dict(self) -> dict[str, Any]:
+        """Describe the group for the run's environment record.
+
+        ``launcher`` is ``torchrun`` when torchrun's elastic agent started the processes
+        (it sets ``TORCHELASTIC_RUN_ID``), else ``environment``, as with a scheduler that
+        sets RANK and WORLD_SIZE itself. The environment's ``command`` is then the argv of
+        one worker, which torchrun does not pass on, and these fields give the rest.
+        """
         return {
             "world_size": self.world_size,
             "backend": self.backend,
-            "nodes": int(os.environ.get("GROUP_WORLD_SIZE", "0")) or None,
+            "launcher": "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "environment",
+            "nodes": _optional_int("GROUP_WORLD_SIZE"),
+            "processes_per_node": _optional_int("LOCAL_WORLD_SIZE"),
+            "master": f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}",
         }
+
+
+def _optional_int(name: str) -> int | None:
+    """The integer in the environment variable ``name``, None when unset or not an integer."""
+    try:
+        return int(os.environ[name])
+    except (KeyError, ValueError):
+        return None
 
 
 SINGLE_PROCESS = ProcessGroup(rank=0, local_rank=0, world_size=1, backend="none")
@@ -149,14 +173,71 @@ def init_from_environment(device_name: str) -> ProcessGroup:
             port,
             backend,
         )
-        dist.init_process_group(
-            backend=backend,
-            rank=rank,
-            world_size=world_size,
-            timeout=COLLECTIVE_TIMEOUT,
-            device_id=torch.device("cuda", local_rank) if backend == "nccl" else None,
-        )
+        _join_group(rank, local_rank, world_size, backend)
     return ProcessGroup(rank, local_rank, world_size, backend)
+
+
+def _join_group(rank: int, local_rank: int, world_size: int, backend: str) -> None:
+    """Call ``init_process_group`` in a helper thread, so that Ctrl-C can stop the wait.
+
+    The rendezvous blocks in C++ until every process has started, and a signal reaches
+    Python only when it returns. The main thread waits here instead, logs every
+    :data:`JOIN_LOG_SECONDS` how long it has waited, and takes Ctrl-C or SIGTERM at once.
+    """
+    failures: list[BaseException] = []
+
+    def join() -> None:
+        try:
+            if backend == "nccl":
+                torch.cuda.set_device(local_rank)  # the current GPU is set per thread
+            dist.init_process_group(
+                backend=backend,
+                rank=rank,
+                world_size=world_size,
+                timeout=COLLECTIVE_TIMEOUT,
+                device_id=torch.device("cuda", local_rank) if backend == "nccl" else None,
+            )
+        except BaseException as error:  # handed to the main thread, which raises it
+            failures.append(error)
+
+    # A daemon thread, so that a process interrupted during the wait can exit.
+    thread = threading.Thread(target=join, name="stabilitylab-join", daemon=True)
+    started = time.monotonic()
+    thread.start()
+    logged = started
+    while thread.is_alive():
+        thread.join(JOIN_POLL_SECONDS)
+        now = time.monotonic()
+        if thread.is_alive() and now - logged >= JOIN_LOG_SECONDS:
+            logged = now
+            log.warning(
+                "rank %d: still waiting after %.0f s for the other %d processes at %s:%s. "
+                "Every process of the run must start; a run of one process must not have "
+                "RANK and WORLD_SIZE set (here RANK=%s, WORLD_SIZE=%s): unset them",
+                rank,
+                now - started,
+                world_size - 1,
+                os.environ["MASTER_ADDR"],
+                os.environ["MASTER_PORT"],
+                os.environ["RANK"],
+                os.environ["WORLD_SIZE"],
+            )
+    if failures:
+        raise failures[0]
+
+
+# Words of the errors gloo raises when the connection to another process breaks. Gloo
+# raises a plain RuntimeError; NCCL and the store raise torch.distributed.DistError.
+_GLOO_PEER_FAILURE = ("gloo/transport", "Connection reset by peer", "Connection closed by peer")
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Tell whether ``error`` says that a collective lost another process of the group."""
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and any(
+        words in str(error) for words in _GLOO_PEER_FAILURE
+    )
 
 
 def current() -> ProcessGroup:

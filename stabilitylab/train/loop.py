@@ -7,6 +7,7 @@ import functools
 import hashlib
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -728,6 +729,28 @@ class Trainer:
         self.writer.close()
 
 
+def _peer_failure_message(trainer: Trainer, error: BaseException) -> str:
+    """Say that another process stopped, where to look, and how the run resumes."""
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    # Gloo's words start with its source file and go on with advice: keep the first sentence.
+    cause = re.sub(r"^\[[^\]]*\]\s*", "", cause).split(". ")[0].rstrip(".")
+    processes = trainer.group.world_size
+    command = (
+        f"torchrun with {processes} processes (such as --nproc_per_node {processes}) -m "
+        f"stabilitylab run --resume {trainer.run_dir}"
+    )
+    resume = (
+        f"continue from the checkpoint at step {trainer.checkpoint_step} with {command}"
+        if trainer.checkpoint_step is not None
+        else f"there is no checkpoint yet, so {command} trains it again from the start"
+    )
+    return (
+        f"the connection to another training process broke at step {trainer.step} ({cause}). "
+        f"One of the processes stopped, and its own log or torchrun's summary says why; "
+        f"{resume}"
+    )
+
+
 def _train_epochs(
     trainer: Trainer, progress: tqdm | None, interrupts: DeferredInterrupts | None = None
 ) -> None:
@@ -885,6 +908,8 @@ def train_run(trainer: Trainer, show_progress: bool | None = None) -> RunResult:
         trainer.writer.write_status(
             "failed", step=trainer.step, reason=f"{type(error).__name__}: {error}"
         )
+        if trainer.group.world_size > 1 and distributed.is_peer_failure(error):
+            raise TrainingError(_peer_failure_message(trainer, error)) from error
         raise
     finally:
         progress.close()
