@@ -229,6 +229,14 @@ RUN_OPTIONS = (
         boolean=True,
     ),
     Option(
+        "drop_path",
+        "stochastic depth of the online backbone: the drop rate of the last block, rising "
+        "linearly from 0 at the first (timm's drop_path_rate; DINO: 0.1); target and teacher "
+        "copies never drop",
+        type=finite_float,
+        metavar="RATE",
+    ),
+    Option(
         "optimizer",
         "timm optimiser: AdamW (the recipe), LAMB or LARS; weight decay applies to every "
         "trainable parameter",
@@ -290,6 +298,12 @@ RUN_OPTIONS = (
         "DINO: EMA coefficient of the centre subtracted from the teacher outputs",
         type=finite_float,
         metavar="M",
+    ),
+    Option(
+        "norm_last_layer",
+        "DINO: keep the weight norm of the last layer at 1 (--no-norm-last-layer: train it, "
+        "as DINO's ViT-S/16 recipe does with --norm_last_layer false)",
+        boolean=True,
     ),
     Option(
         "sinkhorn_iterations",

@@ -95,6 +95,9 @@ class RunConfig:
     pos_embed: str = "sincos"  # one of POS_EMBEDS
     pool: str = "cls"  # one of POOLS: the class token, or global average pooling of the patches
     qk_norm: bool = False  # timm's LayerNorm of queries and keys in every attention layer
+    # Stochastic depth of the online backbone: timm's drop_path_rate, rising linearly over
+    # the blocks to this rate. Target and teacher copies never drop (DINO: 0.1).
+    drop_path: float = 0.0
     optimizer: str = "adamw"  # one of OPTIMIZERS, from timm
     weight_decay_end: float | None = None  # None: constant; else cosine from weight_decay
     grad_clip: float | None = None  # max gradient norm; None: no clipping
@@ -112,6 +115,8 @@ class RunConfig:
     teacher_temperature_warmup: float = 0.04
     teacher_temperature_warmup_epochs: float = 0.0
     center_momentum: float = 0.9
+    # DINO: the weight norm of the last layer stays 1 (DINO's norm_last_layer), or trains.
+    norm_last_layer: bool = True
     # SwAV: Sinkhorn-Knopp iterations and entropy epsilon; a queue of earlier projections
     # used for the assignments once queue_start_epochs have passed (0 images: none).
     sinkhorn_iterations: int = 3
@@ -281,6 +286,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
         "teacher_temperature_warmup": 0.04,
         "teacher_temperature_warmup_epochs": 0.0,
         "center_momentum": 0.9,
+        "norm_last_layer": True,
         "weight_decay": 0.04,
         "weight_decay_end": 0.4,
         "grad_clip": 3.0,
@@ -299,6 +305,7 @@ METHOD_ONLY_KEYS: dict[str, tuple[str, ...]] = {
     "teacher_temperature_warmup": ("dino",),
     "teacher_temperature_warmup_epochs": ("dino",),
     "center_momentum": ("dino",),
+    "norm_last_layer": ("dino",),
     "sinkhorn_iterations": ("swav",),
     "sinkhorn_epsilon": ("swav",),
     "queue_length": ("swav",),
@@ -533,8 +540,14 @@ def _validate_ablation_knobs(config: RunConfig) -> None:
     _check_choice("pool", config.pool, POOLS)
     _check_choice("optimizer", config.optimizer, OPTIMIZERS)
     _check_choice("grad_clip_mode", config.grad_clip_mode, GRAD_CLIP_MODES)
-    for name in ("qk_norm", "predictor", "head_bn", "compile"):
+    for name in ("qk_norm", "predictor", "head_bn", "compile", "norm_last_layer"):
         _check_flag(name, getattr(config, name))
+    _require(
+        isinstance(config.drop_path, (int, float))
+        and not isinstance(config.drop_path, bool)
+        and 0 <= config.drop_path < 1,
+        f"--drop-path {config.drop_path!r} is invalid: it must be a rate in [0, 1), such as 0.1",
+    )
     if config.weight_decay_end is not None:
         _require(
             isinstance(config.weight_decay_end, (int, float))

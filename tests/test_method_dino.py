@@ -26,20 +26,32 @@ from torch import nn
 import stabilitylab.train.loop as loop
 from stabilitylab.config import build_config
 from stabilitylab.data.augment import default_local_crop_size
+from stabilitylab.errors import ConfigError
 from stabilitylab.methods.base import StepSchedule, pooled
 from stabilitylab.methods.dino import DINO, dino_loss, teacher_temperature_at
 from stabilitylab.runs import read_run
 from stabilitylab.train.checkpoint import load_checkpoint
 
 # Multi-crop on, a small output layer, and the last layer frozen for the first epoch of 6
-# steps, so the resumed steps cover both the frozen and the trained last layer.
-DINO_RUN = small_run("dino", num_prototypes=64, local_crops=2, freeze_last_layer_epochs=1.0)
+# steps, so the resumed steps cover both the frozen and the trained last layer. The ViT-S/16
+# recipe's stochastic depth and trained last-layer norms are on, so that the resume covers
+# their random numbers and parameters.
+DINO_RUN = small_run(
+    "dino",
+    num_prototypes=64,
+    local_crops=2,
+    freeze_last_layer_epochs=1.0,
+    drop_path=0.1,
+    norm_last_layer=False,
+)
 DINO_ARGS = [
     *SMALL_ARGS,
     "--method=dino",
     "--num-prototypes=64",
     "--local-crops=2",
     "--freeze-last-layer-epochs=1",
+    "--drop-path=0.1",
+    "--no-norm-last-layer",
 ]
 STEPS_PER_EPOCH = 6
 
@@ -249,6 +261,39 @@ def test_last_layer_norm_fixed(tiny_config):
     torch.testing.assert_close(row_norms, torch.ones(256))
 
 
+def test_last_layer_norm_trains_without_norm_last_layer(tiny_config):
+    model = _model(tiny_config, norm_last_layer=False)
+    magnitude = model.prototypes.parametrizations.weight.original0
+    teacher_magnitude = model.teacher_prototypes.parametrizations.weight.original0
+    assert magnitude.requires_grad
+    assert not teacher_magnitude.requires_grad
+    assert torch.equal(magnitude, torch.ones(256, 1))
+    step = 30  # after the last layer's frozen epoch
+    loss, _ = model.training_loss(_views(), step)
+    loss.backward()
+    model.adjust_gradients(step)
+    assert magnitude.grad is not None
+    assert magnitude.grad.abs().sum() > 0
+    # The teacher's norms follow the student's by EMA.
+    with torch.no_grad():
+        magnitude.mul_(2.0)
+    model.after_optimizer_step(step)
+    momentum = model.momentum_at(step)
+    expected = torch.full((256, 1), momentum + 2.0 * (1 - momentum))
+    torch.testing.assert_close(teacher_magnitude.detach(), expected)
+    # The first epoch's freeze holds the norms with the rest of the layer.
+    model.zero_grad(set_to_none=True)
+    loss, _ = model.training_loss(_views(), 0)
+    loss.backward()
+    model.adjust_gradients(0)
+    assert magnitude.grad is None
+
+
+def test_norm_last_layer_only_with_dino():
+    with pytest.raises(ConfigError, match="--no-norm-last-layer is only read with --method dino"):
+        build_config("digits", norm_last_layer=False)
+
+
 def test_last_layer_frozen_first_epoch(tiny_config):
     model = _model(tiny_config)  # 21 steps an epoch, last layer frozen for one
     direction = model.prototypes.parametrizations.weight.original1
@@ -383,6 +428,8 @@ def test_loss_decreases_with_local_crops(tmp_path, monkeypatch):
         "dense_knn_every": 0,
         "checkpoint_every": 1000,
         "flush_every": 40,
+        "drop_path": 0.0,
+        "norm_last_layer": True,
     }
     result = loop.run_training(
         build_config("digits", **overrides), tmp_path / "run", show_progress=False
@@ -453,6 +500,8 @@ def test_cli_runs_dino(arm, tmp_path, monkeypatch):
     recorded = json.loads((out / "config.json").read_text())["config"]
     assert recorded["method"] == "dino"
     assert recorded["local_crops"] == 2
+    assert recorded["drop_path"] == 0.1
+    assert recorded["norm_last_layer"] is False
     check = json.loads((out / "frozen_check.json").read_text())
     assert check["passed"] is (True if arm == "frozen" else None)
     assert len(read_run(out).steps) == STEPS_PER_EPOCH

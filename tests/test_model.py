@@ -7,8 +7,12 @@ import math
 import pytest
 import torch
 from method_runs import assert_gradients_flow, derived_for
+from timm.layers import DropPath
 from timm.optim import create_optimizer_v2
 
+from stabilitylab.config import build_config
+from stabilitylab.errors import ConfigError
+from stabilitylab.methods.base import pooled
 from stabilitylab.methods.mocov3 import contrastive_loss, momentum_at
 from stabilitylab.models.vit import sincos_2d_position_embedding
 from stabilitylab.train.loop import build_model, parameter_fingerprint
@@ -77,6 +81,54 @@ def test_both_arms_start_identical(tiny_config):
     assert parameter_fingerprint(learned) == parameter_fingerprint(frozen)
     other_seed = build_model(tiny_config(seed=1), derived_for(tiny_config(seed=1)))
     assert parameter_fingerprint(other_seed) != parameter_fingerprint(learned)
+
+
+def _drop_rates(backbone) -> list[float]:
+    """Return the drop rate of each residual branch; timm puts no DropPath where it is 0."""
+    return [
+        branch.drop_prob if isinstance(branch, DropPath) else 0.0
+        for block in backbone.blocks
+        for branch in (block.drop_path1, block.drop_path2)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"), [("mocov3", {}), ("byol", {}), ("dino", {"num_prototypes": 64})]
+)
+def test_drop_path_in_online_backbone_only(tiny_config, method, extra):
+    config = tiny_config(method=method, drop_path=0.2, **extra)
+    model = build_model(config, derived_for(config))
+    depth = len(model.backbone.blocks)
+    expected = [0.2 * index / (depth - 1) for index in range(depth) for _ in range(2)]
+    assert _drop_rates(model.backbone) == pytest.approx(expected)
+    (target,) = model.target_backbones().values()
+    assert any(isinstance(module, DropPath) for module in target.modules())
+    assert _drop_rates(target) == [0.0] * len(expected)
+    # Stochastic depth draws nothing at build time, so the weights equal those without it.
+    plain_config = tiny_config(method=method, **extra)
+    plain = build_model(plain_config, derived_for(plain_config))
+    assert parameter_fingerprint(model) == parameter_fingerprint(plain)
+
+
+def test_drop_path_random_in_train_mode_only(tiny_config):
+    config = tiny_config(drop_path=0.5)
+    model = build_model(config, derived_for(config)).train()
+    images = torch.rand(8, 1, 16, 16)
+    online = [pooled(model.backbone, images) for _ in range(2)]
+    assert not torch.equal(online[0], online[1])
+    target = [pooled(model.momentum_backbone, images) for _ in range(2)]
+    assert torch.equal(target[0], target[1])
+    model.eval()
+    evaluated = [pooled(model.backbone, images) for _ in range(2)]
+    assert torch.equal(evaluated[0], evaluated[1])
+    # In eval mode the online backbone equals its copy, which has the same initial weights.
+    assert torch.equal(evaluated[0], pooled(model.momentum_backbone, images))
+
+
+@pytest.mark.parametrize("rate", [1.0, -0.1, 1.5, True])
+def test_invalid_drop_path_rejected(rate):
+    with pytest.raises(ConfigError, match=f"--drop-path {rate!r} is invalid"):
+        build_config("digits", drop_path=rate)
 
 
 def test_patch_projection_init_bound(tiny_config):

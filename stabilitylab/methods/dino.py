@@ -5,7 +5,8 @@ schedules, vision_transformer.py for DINOHead). The student is the backbone plus
 head's ``projector`` group is an MLP of ``proj_layers`` linear layers with GELU (BN only with
 ``head_bn``) down to a ``proj_dim`` bottleneck. Its ``prototypes`` group L2-normalises the
 bottleneck and applies a bias-free, weight-normalised linear layer to ``num_prototypes``
-outputs, with the weight norm fixed to 1. The teacher is an EMA copy of the student without
+outputs, with the weight norm fixed to 1 (``norm_last_layer``; without it the norm trains).
+The teacher is an EMA copy of the student without
 gradient and encodes only the two global views. The student encodes every view, local crops
 included. For each teacher view t and student view s != t the loss is the cross-entropy
 between softmax((t - centre) / tau_t) and log_softmax(s / tau_s), averaged over the pairs.
@@ -74,17 +75,18 @@ def build_projector(
     return mlp
 
 
-def build_last_layer(bottleneck_dim: int, num_outputs: int) -> nn.Linear:
-    """Build DINO's last layer: weight-normalised, bias-free, its norm g fixed to 1.
+def build_last_layer(bottleneck_dim: int, num_outputs: int, fixed_norm: bool = True) -> nn.Linear:
+    """Build DINO's last layer: weight-normalised and bias-free, its norms g starting at 1.
 
-    The direction v keeps nn.Linear's default init, as in DINOHead. g is frozen
-    (``norm_last_layer=True``), so every output is a cosine similarity.
+    The direction v keeps nn.Linear's default init, as in DINOHead. With ``fixed_norm``
+    (DINO's ``norm_last_layer=True``) g is frozen, so every output is a cosine similarity.
+    Without it g trains with the rest of the layer.
     """
     layer = weight_norm(nn.Linear(bottleneck_dim, num_outputs, bias=False))
     magnitude = layer.parametrizations.weight.original0
     with torch.no_grad():
         magnitude.fill_(1.0)
-    magnitude.requires_grad_(False)
+    magnitude.requires_grad_(not fixed_norm)
     return layer
 
 
@@ -143,6 +145,7 @@ class DINO(Method):
         center_momentum: float = 0.9,
         freeze_last_layer_epochs: float = 1.0,
         base_momentum: float = 0.996,
+        norm_last_layer: bool = True,
     ) -> None:
         super().__init__()
         self.schedule = schedule
@@ -158,7 +161,7 @@ class DINO(Method):
         self.projector = build_projector(
             proj_layers, backbone.embed_dim, proj_hidden_dim, proj_dim, batch_norm
         )
-        self.prototypes = build_last_layer(proj_dim, num_prototypes)
+        self.prototypes = build_last_layer(proj_dim, num_prototypes, fixed_norm=norm_last_layer)
         # The teacher starts as an exact copy, frozen patch projection included.
         self.teacher_backbone = copy.deepcopy(backbone)
         self.teacher_projector = copy.deepcopy(self.projector)
@@ -184,6 +187,7 @@ class DINO(Method):
             center_momentum=config.center_momentum,
             freeze_last_layer_epochs=config.freeze_last_layer_epochs,
             base_momentum=config.momentum,
+            norm_last_layer=config.norm_last_layer,
         )
 
     def online_modules(self) -> dict[str, nn.Module]:

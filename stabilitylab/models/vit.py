@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -60,6 +61,7 @@ def build_backbone(
     pool: str = "cls",
     qk_norm: bool = False,
     dynamic_img_size: bool = False,
+    drop_path: float = 0.0,
 ) -> VisionTransformer:
     """Build the backbone without a classifier; ``forward_head(x, pre_logits=True)`` pools.
 
@@ -68,7 +70,10 @@ def build_backbone(
     norm; ``gap`` drops the class token and averages the patch tokens, followed by timm's
     ``fc_norm``. ``qk_norm`` adds timm's LayerNorm of queries and keys. With
     ``dynamic_img_size`` the model also takes smaller inputs, such as multi-crop's local
-    crops, and timm resamples the position table to their grid.
+    crops, and timm resamples the position table to their grid. ``drop_path`` is timm's
+    stochastic depth rate of the last block, which rises linearly from 0 at the first. It
+    adds no parameter and draws no random number at build time, so the initial weights are
+    the same for every rate.
     """
     class_token = pool == "cls"
     model = VisionTransformer(
@@ -86,6 +91,7 @@ def build_backbone(
         class_token=class_token,
         pos_embed="none" if pos_embed == "none" else "learn",
         dynamic_img_size=dynamic_img_size,
+        drop_path_rate=drop_path,
         weight_init="moco",
     )
     if pos_embed == "sincos":
@@ -96,6 +102,18 @@ def build_backbone(
         model.pos_embed = nn.Parameter(table[None], requires_grad=False)
     _init_patch_projection(model.patch_embed.proj)
     return model
+
+
+def disable_drop_path(backbone: nn.Module) -> None:
+    """Turn off stochastic depth in ``backbone``, as in a target or teacher copy.
+
+    The copies run in train mode, where timm's DropPath would drop blocks, but DINO builds
+    its teacher without stochastic depth, and a momentum encoder should follow the online
+    network's weights, not a random subnetwork of them.
+    """
+    for module in backbone.modules():
+        if isinstance(module, DropPath):
+            module.drop_prob = 0.0
 
 
 def fixed_parameters(pos_embed: str) -> tuple[str, ...]:

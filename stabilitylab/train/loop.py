@@ -33,6 +33,7 @@ from stabilitylab.models.compiled import compile_blocks
 from stabilitylab.models.layers import named_groups
 from stabilitylab.models.vit import (
     build_backbone,
+    disable_drop_path,
     fixed_parameters,
     freeze_patch_embed,
     patch_embed_parameters,
@@ -136,9 +137,12 @@ def build_model(config: RunConfig, derived: Derived) -> Method:
         pool=config.pool,
         qk_norm=config.qk_norm,
         dynamic_img_size=config.local_crops > 0,
+        drop_path=config.drop_path,
     )
     schedule = StepSchedule(derived.total_steps, derived.steps_per_epoch)
     model = build_method(config, backbone, schedule)
+    for target in model.target_backbones().values():
+        disable_drop_path(target)
     if config.freeze_patch_embed:
         freeze_patch_embed(model.backbone)
         for target in model.target_backbones().values():
