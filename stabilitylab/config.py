@@ -317,6 +317,15 @@ METHOD_ONLY_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+def unread_by(method: str) -> list[str]:
+    """Return the configuration keys that ``method`` does not read, such as SimCLR's momentum.
+
+    config.json records every key, these with their defaults, so the run's derived values
+    list them to keep a reader from taking them for settings of the run.
+    """
+    return sorted(key for key, readers in METHOD_ONLY_KEYS.items() if method not in readers)
+
+
 def _preset_for(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """Load ``preset``, dropping its dataset-sized values when another dataset is chosen.
 

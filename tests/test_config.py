@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from stabilitylab.config import available_presets, build_config, derive, load_preset
+from stabilitylab.config import (
+    available_presets,
+    build_config,
+    derive,
+    load_preset,
+    unread_by,
+)
 from stabilitylab.errors import ConfigError
 from stabilitylab.train.schedules import build_lr_schedule, lr_at
 
@@ -138,3 +144,13 @@ def test_overflowing_peak_lr_rejected():
 def test_dense_size_ignored_when_off():
     config = build_config("digits", knn_k=1000, dense_knn_every=0)
     assert config.dense_knn_every == 0
+
+
+def test_unread_by_names_other_methods_keys():
+    simclr = unread_by("simclr")
+    assert "momentum" in simclr
+    assert "predictor" in simclr
+    assert "temperature" not in simclr
+    assert unread_by("dino") == sorted(unread_by("dino"))
+    assert "norm_last_layer" not in unread_by("dino")
+    assert "norm_last_layer" in unread_by("mocov3")

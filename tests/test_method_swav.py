@@ -388,6 +388,11 @@ def test_cli_run_both_arms(tmp_path, monkeypatch):
         config = json.loads((out / "config.json").read_text())
         assert config["config"]["method"] == "swav", arm
         assert config["derived"]["layers"][-2:] == ["projector", "prototypes"], arm
+        unread = config["derived"]["unread_options"]
+        assert "momentum" in unread, arm
+        assert "teacher_temperature" in unread, arm
+        assert "sinkhorn_epsilon" not in unread, arm
+        assert "local_crops" not in unread, arm
         status = json.loads((out / "status.json").read_text())
         assert status["state"] == "finished", arm
         assert status["frozen_check_passed"] is (True if arm == "frozen" else None), arm

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from probes.bootstrap import bootstrap_accuracy_se
 from probes.dense import FeatureQueue, queue_feature_std, queue_knn
 from probes.knn import KnnResult, extract_features, weighted_knn
-from stabilitylab.config import Derived, RunConfig, derive
+from stabilitylab.config import Derived, RunConfig, derive, unread_by
 from stabilitylab.data import DataBundle, build_data
 from stabilitylab.data.augment import local_crops_of
 from stabilitylab.errors import TrainingError
@@ -381,6 +381,7 @@ class Trainer:
             "init_fingerprint": self.init_fingerprint,
             "faults": self.faults.to_dict(),
             "dataset_description": self.data.description,
+            "unread_options": unread_by(self.config.method),
         }
         local = local_crops_of(self.config, self.derived.img_size)
         if local is not None:
