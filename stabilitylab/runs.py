@@ -622,8 +622,9 @@ def _read_table(run_dir: Path, table: str, warnings: list[str]) -> pd.DataFrame:
 
     try:
         frame = pyarrow.concat_tables(tables, promote_options="default").to_pandas()
-    except pyarrow.ArrowInvalid:
-        # Chunks whose column types differ, such as int and float: pandas unifies them.
+    except pyarrow.ArrowException:
+        # Chunks whose column types differ, such as int and float, or layer names and
+        # numbers: Arrow raises ArrowInvalid or ArrowTypeError, and pandas unifies them.
         frame = pd.concat([t.to_pandas() for t in tables], ignore_index=True)
     for name in later:
         if name not in frame.columns:

@@ -51,6 +51,24 @@ def test_damaged_chunk_skipped_with_warning(tmp_path):
     assert "part-000001.parquet" in run.warnings[0]
 
 
+def test_chunks_of_different_column_types_combine(tmp_path):
+    # Layer names in one chunk, numbers in another (as a hand-edited run has), and an int
+    # column that a later chunk stores as float: Arrow cannot merge them, pandas can.
+    writer = _write_run(tmp_path / "run", chunks=0)
+    columns = TABLE_COLUMNS["layers"]
+    named = pd.DataFrame({name: [1.0, 2.0] for name in columns})
+    named["step"] = [0, 0]
+    named["layer"] = pd.Categorical(["patch_embed", "blocks.00"])
+    numbered = named.copy()
+    numbered["step"] = [1.0, 1.0]
+    numbered["layer"] = [7, 8]
+    writer.append("layers", named)
+    writer.append("layers", numbered)
+    layers = read_run(tmp_path / "run").layers
+    assert list(layers["step"]) == [0, 0, 1, 1]
+    assert list(layers["layer"]) == ["patch_embed", "blocks.00", 7, 8]
+
+
 def test_damaged_config_named(tmp_path):
     _write_run(tmp_path / "run")
     (tmp_path / "run" / "config.json").write_text('{"format_version": 1, "con')
