@@ -751,8 +751,8 @@ def _peer_failure_message(trainer: Trainer, error: BaseException) -> str:
     )
     return (
         f"the connection to another training process broke at step {trainer.step} ({cause}). "
-        f"One of the processes stopped, and its own log or torchrun's summary says why; "
-        f"{resume}"
+        "One of the processes stopped or stalled, and its own log or torchrun's summary says "
+        f"why; {resume}"
     )
 
 
