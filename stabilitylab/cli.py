@@ -33,7 +33,7 @@ from stabilitylab.config import (
     available_presets,
 )
 from stabilitylab.errors import ConfigError, PeerError, StabilityLabError, TrainingError
-from stabilitylab.launch import launched_rank_and_size
+from stabilitylab.launch import TORCHRUN_OPTIONS_HINT, launched_rank_and_size, torchrun_command
 
 log = logging.getLogger("stabilitylab")
 
@@ -1158,6 +1158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stabilitylab {args.command}: interrupted. {kept}".rstrip(), file=sys.stderr)
         return 128 + getattr(interrupt, "signal_number", signal.SIGINT)
     finally:
+        if world_size > 1:
+            # The command has reported its outcome. torchrun sends SIGTERM to the other
+            # processes when one fails, which would otherwise raise in the exit handlers.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         if "stabilitylab.train.distributed" in sys.modules:
             sys.modules["stabilitylab.train.distributed"].shutdown()
 
@@ -1168,19 +1173,15 @@ def _resume_hint(interrupt: KeyboardInterrupt) -> str:
     if run_dir is None:
         return "Training had not started"
     step = getattr(interrupt, "checkpoint_step", None)
-    world_size = launched_rank_and_size()[1]
-    command = "stabilitylab run" if world_size == 1 else f"torchrun with {world_size} processes"
-    if world_size > 1:
-        command += " (such as --nproc_per_node " + str(world_size) + ") -m stabilitylab run"
+    command = f"stabilitylab run --resume {run_dir}"
+    if launched_rank_and_size()[1] > 1:
+        command = torchrun_command(f"run --resume {run_dir}") + TORCHRUN_OPTIONS_HINT
     if step is None:
         return (
             f"The metrics so far are kept in {run_dir}, but no checkpoint; {command} "
-            f"--resume {run_dir} trains it again from the start"
+            "trains it again from the start"
         )
-    return (
-        f"The metrics and a checkpoint at step {step} are kept; continue with {command} "
-        f"--resume {run_dir}"
-    )
+    return f"The metrics and a checkpoint at step {step} are kept; continue with {command}"
 
 
 def _one_line(error: Exception) -> str:

@@ -379,3 +379,23 @@ def test_a_process_that_dies_stops_the_others_with_one_message(tmp_path, cli_com
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "failed"
     assert status["step"] < 5 * (1347 // 32)
+
+
+def test_master_port_in_use_is_one_line(tmp_path, cli_command):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        result = subprocess.run(
+            [*cli_command, "run", "--device", "cpu", "--out", str(tmp_path / "run")],
+            capture_output=True,
+            text=True,
+            env=cli_environment(0, port),
+            timeout=WORKER_TIMEOUT,
+            check=False,
+        )
+    assert result.returncode == 2, result.stderr
+    assert f"rank 0 could not join the process group at 127.0.0.1:{port}" in result.stderr
+    assert "pass torchrun another --master_port" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()

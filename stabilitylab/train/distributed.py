@@ -211,19 +211,31 @@ def _join_group(rank: int, local_rank: int, world_size: int, backend: str) -> No
         if thread.is_alive() and now - logged >= JOIN_LOG_SECONDS:
             logged = now
             log.warning(
-                "rank %d: still waiting after %.0f s for the other %d processes at %s:%s. "
+                "rank %d: still waiting after %.0f s for the other processes (%d in all) at %s:%s. "
                 "Every process of the run must start; a run of one process must not have "
                 "RANK and WORLD_SIZE set (here RANK=%s, WORLD_SIZE=%s): unset them",
                 rank,
                 now - started,
-                world_size - 1,
+                world_size,
                 os.environ["MASTER_ADDR"],
                 os.environ["MASTER_PORT"],
                 os.environ["RANK"],
                 os.environ["WORLD_SIZE"],
             )
-    if failures:
-        raise failures[0]
+    if not failures:
+        return
+    error = failures[0]
+    if isinstance(error, dist.DistNetworkError | dist.DistStoreError):
+        # Such as the port in use by another program, or an address that does not resolve.
+        lines = str(error).strip().splitlines()
+        failure = ConfigError(
+            f"rank {rank} could not join the process group at {os.environ['MASTER_ADDR']}:"
+            f"{os.environ['MASTER_PORT']}: {lines[0] if lines else type(error).__name__}. "
+            "If another program uses the port, pass torchrun another --master_port"
+        )
+        failure.process_specific = True  # type: ignore[attr-defined]
+        raise failure from error
+    raise error
 
 
 # Words of the errors gloo raises when the connection to another process breaks. Gloo

@@ -27,6 +27,7 @@ from stabilitylab.config import Derived, RunConfig, derive, unread_by
 from stabilitylab.data import DataBundle, build_data
 from stabilitylab.data.augment import local_crops_of
 from stabilitylab.errors import TrainingError
+from stabilitylab.launch import TORCHRUN_OPTIONS_HINT, torchrun_command
 from stabilitylab.methods import build_method
 from stabilitylab.methods.base import Method, StepSchedule
 from stabilitylab.models.compiled import compile_blocks
@@ -739,11 +740,7 @@ def _peer_failure_message(trainer: Trainer, error: BaseException) -> str:
     cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     # Gloo's words start with its source file and go on with advice: keep the first sentence.
     cause = re.sub(r"^\[[^\]]*\]\s*", "", cause).split(". ")[0].rstrip(".")
-    processes = trainer.group.world_size
-    command = (
-        f"torchrun with {processes} processes (such as --nproc_per_node {processes}) -m "
-        f"stabilitylab run --resume {trainer.run_dir}"
-    )
+    command = torchrun_command(f"run --resume {trainer.run_dir}") + TORCHRUN_OPTIONS_HINT
     resume = (
         f"continue from the checkpoint at step {trainer.checkpoint_step} with {command}"
         if trainer.checkpoint_step is not None
