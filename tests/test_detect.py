@@ -492,7 +492,8 @@ def test_robust_baseline_matches_definition(count, window, min_periods):
     np.testing.assert_array_equal(median, expected_median)
     np.testing.assert_array_equal(scale, expected_mad / MAD_TO_SIGMA)
     if count > 2 * min_periods + 1 and min_periods < window:
-        assert np.isfinite(median).any() and np.isfinite(scale).any()
+        assert np.isfinite(median).any()
+        assert np.isfinite(scale).any()
 
 
 def reference_rule_scores(series: pd.Series, params: SpikeParams) -> pd.DataFrame:

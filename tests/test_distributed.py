@@ -247,15 +247,17 @@ def test_resume_with_another_process_count_is_refused(torchrun_dir, tmp_path, cl
     assert "Traceback" not in result.stderr
 
 
+def run_cli(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run the CLI ``command`` with ``env`` to its end, its output captured as text."""
+    return subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=WORKER_TIMEOUT, check=False
+    )
+
+
 def test_commands_other_than_run_refuse_several_processes(tmp_path, cli_command):
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2"}
-    result = subprocess.run(
-        [*cli_command, "report", str(tmp_path), "--out", str(tmp_path / "report")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=WORKER_TIMEOUT,
-        check=False,
+    result = run_cli(
+        [*cli_command, "report", str(tmp_path), "--out", str(tmp_path / "report")], env
     )
     assert result.returncode == 2
     assert "only stabilitylab run trains on several processes" in result.stderr
@@ -281,14 +283,7 @@ def test_bad_master_port_is_refused(tmp_path, cli_command):
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": "abc",
     }
-    result = subprocess.run(
-        [*cli_command, "run", "--device", "cpu", "--out", str(tmp_path / "run")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=WORKER_TIMEOUT,
-        check=False,
-    )
+    result = run_cli([*cli_command, "run", "--device", "cpu", "--out", str(tmp_path / "run")], env)
     assert result.returncode == 2
     assert "MASTER_PORT='abc' is not a port number" in result.stderr
     assert "Traceback" not in result.stderr
@@ -316,7 +311,7 @@ def wait_for(condition, seconds: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def test_ctrl_c_stops_a_process_waiting_for_the_others(tmp_path, cli_command):
+def test_join_wait_stops_on_ctrl_c(tmp_path, cli_command):
     # Rank 0 of two, with no rank 1: it waits in the rendezvous, as a single run does with
     # RANK and WORLD_SIZE left over from an earlier torchrun.
     log_file = tmp_path / "stderr.txt"
@@ -342,7 +337,7 @@ def test_ctrl_c_stops_a_process_waiting_for_the_others(tmp_path, cli_command):
 
 
 @pytest.mark.slow
-def test_a_process_that_dies_stops_the_others_with_one_message(tmp_path, cli_command):
+def test_peer_death_fails_with_one_line(tmp_path, cli_command):
     out = tmp_path / "run"
     arguments = [f"--{key.replace('_', '-')}={value}" for key, value in CLI_RUN.items()]
     # Enough steps that rank 1 dies mid-run, long before the end.
@@ -381,18 +376,14 @@ def test_a_process_that_dies_stops_the_others_with_one_message(tmp_path, cli_com
     assert status["step"] < 5 * (1347 // 32)
 
 
-def test_master_port_in_use_is_one_line(tmp_path, cli_command):
+def test_busy_master_port_is_one_line(tmp_path, cli_command):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        result = subprocess.run(
+        result = run_cli(
             [*cli_command, "run", "--device", "cpu", "--out", str(tmp_path / "run")],
-            capture_output=True,
-            text=True,
-            env=cli_environment(0, port),
-            timeout=WORKER_TIMEOUT,
-            check=False,
+            cli_environment(0, port),
         )
     assert result.returncode == 2, result.stderr
     assert f"rank 0 could not join the process group at 127.0.0.1:{port}" in result.stderr

@@ -281,7 +281,7 @@ def test_last_layer_norm_trains_without_norm_last_layer(tiny_config):
     momentum = model.momentum_at(step)
     expected = torch.full((256, 1), momentum + 2.0 * (1 - momentum))
     torch.testing.assert_close(teacher_magnitude.detach(), expected)
-    # The first epoch's freeze holds the norms with the rest of the layer.
+    # The first epoch's freeze keeps the norms fixed with the rest of the layer.
     model.zero_grad(set_to_none=True)
     loss, _ = model.training_loss(_views(), 0)
     loss.backward()

@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 ENVIRONMENT_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # How long a collective waits for the other processes before the run fails.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
-# While it joins the group, a process checks for Ctrl-C this often and says it is still
-# waiting this often, in seconds.
+# While it joins the group, a process checks for Ctrl-C every JOIN_POLL_SECONDS and logs
+# that it is still waiting every JOIN_LOG_SECONDS.
 JOIN_POLL_SECONDS = 0.2
 JOIN_LOG_SECONDS = 60.0
 
@@ -86,7 +86,7 @@ class ProcessGroup:
 
 
 def _optional_int(name: str) -> int | None:
-    """The integer in the environment variable ``name``, None when unset or not an integer."""
+    """Return the integer in the environment variable ``name``, None when unset or invalid."""
     try:
         return int(os.environ[name])
     except (KeyError, ValueError):
@@ -244,7 +244,7 @@ _GLOO_PEER_FAILURE = ("gloo/transport", "Connection reset by peer", "Connection 
 
 
 def is_peer_failure(error: BaseException) -> bool:
-    """Tell whether ``error`` says that a collective lost another process of the group."""
+    """Return whether ``error`` reports that a collective lost another process of the group."""
     if isinstance(error, dist.DistError):
         return True
     return isinstance(error, RuntimeError) and any(
